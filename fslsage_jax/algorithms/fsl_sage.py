@@ -1,0 +1,88 @@
+"""FSL-SAGE (Nair et al., ICML 2025): federated split learning via smashed
+activation gradient estimation.
+
+Each client updates its model with the auxiliary estimate
+``g_hat = grad_z L(aux_i(z), y)`` of the server's cut-layer gradient, pushed
+through the client model by its VJP; the auxiliary model is not trained on
+that loss. Every Q local steps the client uploads (z, y): the shared server
+takes one step on it and appends it to the client's FIFO alignment buffer.
+Every l rounds, at local step 0 and after that step's uploads, every auxiliary
+model is aligned to the current server (:func:`steps.align`) and sent to its
+client. Client models are averaged each round; auxiliary models never are.
+
+Simulation semantics: clients run in lockstep; the server consumes the
+uploads of a step one after another in client order; in an alignment round all
+clients are aligned at once against the server state after the step-0 uploads.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fslsage_jax.algorithms import steps
+from fslsage_jax.algorithms.common import (Config, broadcast, buffer_init, buffer_push, lift,
+                                           make_optimizer, tree_where)
+from fslsage_jax.algorithms.cse_fsl import count_uploads, uploads
+from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
+                                           make_run_round, make_serve)
+from fslsage_jax.split import SplitModel, cut_shape, init_split
+
+NAME = "fsl_sage"
+
+
+def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
+    """FSL-SAGE for ``split`` and ``cfg``; client shards padded to ``n_max``."""
+    m, opt = cfg.num_clients, make_optimizer(cfg.lr, cfg.weight_decay)
+    align_opt = optax.adam(cfg.align_lr)
+    serve = make_serve(split, opt, cfg)
+    L = lambda f: lift(f, cfg.strategy, cfg.chunk_size)
+    z_shape, z_dtype = cut_shape(split)
+
+    def init(key):
+        cv, sv, av = init_split(split, key)
+        buf = buffer_init(cfg.align_buffer_size, z_shape, split.label_shape, z_dtype)
+        return State(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
+                     sv, opt.init(sv.params), broadcast(av, m),
+                     broadcast(align_opt.init(av.params), m), broadcast(buf, m))
+
+    forward = L(lambda cv, x, r: steps.client_forward(split, cv, x, r))
+    push = L(buffer_push)
+    estimate = L(lambda av, z, y, w: steps.aux_grad_estimate(split, av, z, y, w))
+
+    def backward(cv, copt, vjp_fn, g, cstate, active):
+        return tree_where(active, steps.client_backward(opt, cv, copt, vjp_fn, g, cstate), (cv, copt))
+    backward = L(backward)
+
+    def step(state, b, t, rng, acc):
+        kc, ks, ka = jax.random.split(rng, 3)
+        z, vjp_fn, cstate = forward(state.clients, b.x, jax.random.split(kc, m))
+        up = uploads(b, cfg.server_update_interval)
+        sv, sopt, g_true, loss = serve(state.server, state.server_opt, z, b.y, b.w, up, ks)
+        buf = push(state.buffer, z, b.y, b.w * up[:, None])
+
+        def do_align(av, ao):
+            align_all = L(lambda av, ao, buf, k: steps.align(
+                split, align_opt, av, ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size))
+            av, ao, (first_l, last_l) = align_all(av, ao, buf, jax.random.split(ka, m))
+            return av, ao, jnp.mean(first_l), jnp.mean(last_l)
+        aligning = (t == 0) & (state.round % cfg.align_interval == 0)
+        av, ao, l0, l1 = jax.lax.cond(aligning, do_align,
+                                      lambda av, ao: (av, ao, acc["align_loss_first"],
+                                                      acc["align_loss_last"]),
+                                      state.aux, state.aux_opt)
+        g_hat = estimate(av, z, b.y, b.w)
+        cv, copt = backward(state.clients, state.client_opt, vjp_fn, g_hat, cstate, b.active)
+        cos = jax.vmap(steps.cosine)(g_hat, g_true)
+        acc = count_uploads(add_loss(acc, loss, b.w.sum(1) * up), b, up)
+        acc = {**acc, "cos_sum": acc["cos_sum"] + jnp.sum(cos * up), "cos_n": acc["cos_n"] + jnp.sum(up),
+               "align_loss_first": l0, "align_loss_last": l1}
+        state = state._replace(clients=cv, client_opt=copt, server=sv, server_opt=sopt,
+                               aux=av, aux_opt=ao, buffer=buf)
+        return state, acc
+
+    def end(state, weights):
+        return state._replace(clients=average_into(state.clients, weights))
+
+    return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
+                     lambda s: (first(s.clients), s.server))

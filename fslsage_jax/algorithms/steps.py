@@ -1,0 +1,231 @@
+"""Pure single-client step functions of federated split learning.
+
+These are the building blocks every algorithm lifts over the client axis, and
+what a user imports into their own JAX code. Each acts on ONE client's
+arrays (no client axis) and is safe under ``jax.jit`` and ``jax.vmap``.
+Batches carry a per-sample weight ``w`` (1 for a real sample, 0 for padding),
+so the last, smaller minibatch of an epoch works at fixed shapes; losses are
+means over the real samples, as PyTorch's mean-reduced losses are.
+
+FSL-SAGE (Nair et al., ICML 2025): the client's update direction at the cut
+layer is the auxiliary estimate ``g_hat = grad_z L(aux(z), y)``
+(:func:`aux_grad_estimate`); every ``l`` rounds the server fits the auxiliary
+model so that its cut-layer gradient matches the server's (:func:`align`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fslsage_jax.algorithms.common import Buffer, buffer_mask, masked_mean, shuffled_order
+from fslsage_jax.split import SplitModel, Vars, apply_part
+
+
+def client_forward(split: SplitModel, cv: Vars, x: jax.Array, rng: jax.Array | None = None):
+    """Client forward pass in training mode, keeping what the backward pass needs.
+
+    Args:
+      split: the split model.
+      cv: client variables.
+      x: input batch ``[B, ...]``.
+      rng: dropout key or None.
+    Returns:
+      ``(z, vjp_fn, new_state)``: the cut activation, a function mapping a
+      cut-layer gradient ``g_z`` to ``(grad_params,)``, the updated client state.
+    """
+    f = lambda p: apply_part(split.client, Vars(p, cv.state), x, True, rng)
+    z, vjp_fn, new_state = jax.vjp(f, cv.params, has_aux=True)
+    return z, vjp_fn, new_state
+
+
+def client_backward(opt: optax.GradientTransformation, cv: Vars, opt_state: Any,
+                    vjp_fn: Callable, g_z: jax.Array, new_state: Any):
+    """Push a cut-layer gradient through the client model and take one optimizer step.
+
+    Args:
+      opt: the client optimizer.
+      cv, opt_state: client variables and optimizer state.
+      vjp_fn, new_state: from :func:`client_forward`.
+      g_z: gradient of the loss w.r.t. ``z`` (true, or the auxiliary estimate).
+    Returns:
+      ``(new_cv, new_opt_state)``.
+    """
+    (grads,) = vjp_fn(g_z)
+    updates, opt_state = opt.update(grads, opt_state, cv.params)
+    return Vars(optax.apply_updates(cv.params, updates), new_state), opt_state
+
+
+def part_loss(split: SplitModel, module, v: Vars, z: jax.Array, y: jax.Array, w: jax.Array,
+              train: bool = True, rng: jax.Array | None = None):
+    """Masked-mean loss of ``module`` on cut activations ``z``: ``(loss, new_state)``."""
+    logits, new_state = apply_part(module, v, z, train, rng)
+    return masked_mean(split.loss(logits, y), w), new_state
+
+
+def server_grads(split: SplitModel, sv: Vars, z: jax.Array, y: jax.Array, w: jax.Array,
+                 rng: jax.Array | None = None):
+    """Server loss and its gradients w.r.t. the server parameters and ``z``.
+
+    Returns:
+      ``(loss, grad_params, g_z, new_state)``; ``g_z`` is the true gradient
+      dL/dz that SplitFed sends back to the client.
+    """
+    f = lambda p, z: part_loss(split, split.server, Vars(p, sv.state), z, y, w, True, rng)
+    (loss, new_state), (gp, gz) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(sv.params, z)
+    return loss, gp, gz, new_state
+
+
+def server_step(split: SplitModel, opt: optax.GradientTransformation, sv: Vars, opt_state: Any,
+                z: jax.Array, y: jax.Array, w: jax.Array, rng: jax.Array | None = None):
+    """One server optimizer step on L(server(z), y).
+
+    Args:
+      split, opt: the split model and the server optimizer.
+      sv, opt_state: server variables and optimizer state.
+      z, y, w: uploaded cut activations, labels, sample weights.
+    Returns:
+      ``(new_sv, new_opt_state, g_z, loss)`` where ``g_z`` is dL/dz under the
+      server parameters BEFORE the step.
+    """
+    loss, gp, gz, new_state = server_grads(split, sv, z, y, w, rng)
+    updates, opt_state = opt.update(gp, opt_state, sv.params)
+    return Vars(optax.apply_updates(sv.params, updates), new_state), opt_state, gz, loss
+
+
+def aux_grad_estimate(split: SplitModel, av: Vars, z: jax.Array, y: jax.Array, w: jax.Array,
+                      rng: jax.Array | None = None) -> jax.Array:
+    """FSL-SAGE's estimate of the server's cut-layer gradient.
+
+    Returns:
+      ``g_hat = grad_z mean_i L(aux(z)_i, y_i)`` (same shape as ``z``). When the
+      auxiliary model equals the server model this is the true gradient.
+    """
+    f = lambda z: part_loss(split, split.aux, av, z, y, w, True, rng)[0]
+    return jax.grad(f)(z)
+
+
+def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Cosine similarity of two arrays seen as flat vectors (0 if either is zero)."""
+    a, b = a.ravel(), b.ravel()
+    return jnp.dot(a, b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-30)
+
+
+def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer) -> jax.Array:
+    """True per-sample cut-layer gradients of the buffered samples, current server.
+
+    Returns ``[cap, ...]``: ``n * grad_z mean_i L(server(z_i), y_i)`` over the
+    ``n`` valid entries (zero on empty slots). Dividing by a minibatch's valid
+    count gives the gradient of that minibatch's mean loss.
+    """
+    w = buffer_mask(buf)
+    f = lambda z: part_loss(split, split.server, sv, z, buf.y, w, True)[0]
+    return jax.grad(f)(buf.z) * jnp.maximum(jnp.sum(w), 1.0)
+
+
+def alignment_loss(split: SplitModel, aux_params: Any, aux_state: Any, z: jax.Array,
+                   y: jax.Array, w: jax.Array, target: jax.Array) -> jax.Array:
+    """Squared error, summed over elements, between the auxiliary cut-layer gradient
+    (of the minibatch's mean auxiliary loss) and the server's (``target``, already
+    scaled to the same minibatch mean)."""
+    g_hat = aux_grad_estimate(split, Vars(aux_params, aux_state), z, y, w)
+    wz = w.reshape(w.shape + (1,) * (z.ndim - 1))
+    return jnp.sum(((g_hat - target) * wz) ** 2)
+
+
+def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_state: Any,
+          sv: Vars, buf: Buffer, key: jax.Array, epochs: int, batch_size: int):
+    """Fit the auxiliary model's cut-layer gradient to the server's on a buffer.
+
+    ``epochs`` passes over the valid buffer entries in shuffled minibatches of
+    ``batch_size``; one optimizer step per minibatch on :func:`alignment_loss`
+    (this differentiates a gradient: second order). Targets are recomputed
+    once with the CURRENT server.
+
+    Args:
+      split, opt: the split model and the alignment optimizer (Adam 1e-3).
+      av, opt_state: auxiliary variables and alignment optimizer state.
+      sv: server variables (not changed).
+      buf: this client's buffer of uploaded (z, y).
+      key: shuffling key.
+    Returns:
+      ``(new_av, new_opt_state, (loss_first_epoch, loss_last_epoch))``, losses
+      summed over the epoch's minibatches.
+    """
+    cap = buf.z.shape[0]
+    target = alignment_targets(split, sv, buf)
+    n_valid = buf.size
+    nb = -(-cap // batch_size)
+    grad_fn = jax.grad(alignment_loss, argnums=1)
+    loss_fn = alignment_loss
+
+    def epoch(carry, ekey):
+        params, ostate = carry
+        # valid entries sit at the end: rotate them to the front, then shuffle them
+        order = (shuffled_order(ekey, n_valid, cap) + (cap - n_valid)) % cap
+
+        def minibatch(carry, j):
+            params, ostate, total = carry
+            pos = j * batch_size + jnp.arange(batch_size)
+            idx = order[jnp.minimum(pos, cap - 1)]
+            w = (pos < n_valid).astype(jnp.float32)
+            scale = 1.0 / jnp.maximum(jnp.sum(w), 1.0)
+            args = (split, params, av.state, buf.z[idx], buf.y[idx], w, target[idx] * scale)
+            loss = loss_fn(*args)
+            grads = grad_fn(*args)
+            updates, new_os = opt.update(grads, ostate, params)
+            active = j * batch_size < n_valid
+            new_p = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b),
+                                           optax.apply_updates(params, updates), params)
+            new_os = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new_os, ostate)
+            return (new_p, new_os, total + loss), None
+
+        (params, ostate, total), _ = jax.lax.scan(minibatch, (params, ostate, 0.0), jnp.arange(nb))
+        return (params, ostate), total
+
+    (params, opt_state), losses = jax.lax.scan(epoch, (av.params, opt_state),
+                                               jax.random.split(key, epochs))
+    return Vars(params, av.state), opt_state, (losses[0], losses[-1])
+
+
+def local_aux_step(split: SplitModel, opt_client, opt_aux, cv: Vars, copt, av: Vars, aopt,
+                   x: jax.Array, y: jax.Array, w: jax.Array, rng: jax.Array | None = None):
+    """CSE-FSL's client step: client and auxiliary models trained together on the
+    local loss L(aux(client(x)), y); no gradient from the server.
+
+    Returns:
+      ``(new_cv, new_copt, new_av, new_aopt, z, loss)`` where ``z`` is the cut
+      activation computed before the step (what the client uploads).
+    """
+    def f(cp, ap):
+        z, cstate = apply_part(split.client, Vars(cp, cv.state), x, True, rng)
+        loss, astate = part_loss(split, split.aux, Vars(ap, av.state), z, y, w, True, rng)
+        return loss, (z, cstate, astate)
+
+    (loss, (z, cstate, astate)), (gc, ga) = jax.value_and_grad(f, (0, 1), has_aux=True)(cv.params, av.params)
+    uc, copt = opt_client.update(gc, copt, cv.params)
+    ua, aopt = opt_aux.update(ga, aopt, av.params)
+    return (Vars(optax.apply_updates(cv.params, uc), cstate), copt,
+            Vars(optax.apply_updates(av.params, ua), astate), aopt, z, loss)
+
+
+def full_step(split: SplitModel, opt, cv: Vars, sv: Vars, opt_state, x, y, w, rng=None):
+    """FedAvg's local step: the client trains the whole model (client then server).
+
+    Returns:
+      ``(new_cv, new_sv, new_opt_state, loss)``; the optimizer acts on the pair
+      ``(client_params, server_params)``.
+    """
+    def f(params):
+        cp, sp = params
+        z, cstate = apply_part(split.client, Vars(cp, cv.state), x, True, rng)
+        loss, sstate = part_loss(split, split.server, Vars(sp, sv.state), z, y, w, True, rng)
+        return loss, (cstate, sstate)
+
+    params = (cv.params, sv.params)
+    (loss, (cstate, sstate)), g = jax.value_and_grad(f, has_aux=True)(params)
+    updates, opt_state = opt.update(g, opt_state, params)
+    cp, sp = optax.apply_updates(params, updates)
+    return Vars(cp, cstate), Vars(sp, sstate), opt_state, loss

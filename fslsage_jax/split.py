@@ -1,0 +1,144 @@
+"""The split-model abstraction: client, server and auxiliary parts of one model.
+
+A split model (Nair et al., ICML 2025, FSL-SAGE; Thapa et al., SplitFed) cuts a
+network at a cut layer: the client part maps an input to the cut-layer
+activation ``z`` ("smashed data"), the server part maps ``z`` to the output, and
+a small auxiliary part also maps ``z`` to the output.
+
+Every part's variables are a :class:`Vars` pair: ``params`` (trainable, seen by
+the optimizer) and ``state`` (non-trainable collections that the forward pass
+may update, e.g. BatchNorm ``batch_stats``). Both are averaged between rounds
+and both count in the model bytes. Algorithms only call :func:`apply_part`,
+so any flax module trio (CNN, ResNet with BatchNorm, a transformer with a
+different loss) plugs in without changing them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+class Vars(NamedTuple):
+    """Variables of one model part: trainable ``params``, non-trainable ``state``."""
+    params: Any
+    state: Any
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-sample softmax cross-entropy with integer labels -> [B]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def argmax_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-sample 1.0 where the arg-max class equals the label -> [B]."""
+    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """A model cut into client, server and auxiliary flax modules.
+
+    Attributes:
+      name: model name (e.g. ``"cnn"``).
+      client, server, aux: flax modules; each is called as ``module(x, train=...)``.
+      input_shape: shape of one input sample, e.g. ``(8, 8, 1)``.
+      num_classes: number of output classes.
+      loss: ``(logits, labels) -> [B]`` per-sample training loss.
+      correct: ``(logits, labels) -> [B]`` per-sample accuracy (0/1).
+      label_shape: shape of one label (``()`` for classification).
+    """
+    name: str
+    client: nn.Module
+    server: nn.Module
+    aux: nn.Module
+    input_shape: tuple
+    num_classes: int
+    loss: Callable = cross_entropy
+    correct: Callable = argmax_correct
+    label_shape: tuple = ()
+
+
+def init_part(module: nn.Module, key: jax.Array, x: jax.Array) -> Vars:
+    """Initialise one part on an example batch ``x``; returns its :class:`Vars`."""
+    variables = dict(module.init({"params": key, "dropout": key}, x, train=False))
+    params = variables.pop("params", {})
+    return Vars(params, variables)
+
+
+def apply_part(module: nn.Module, v: Vars, x: jax.Array, train: bool,
+               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Pure forward pass of one part.
+
+    Args:
+      module: the flax module.
+      v: its variables.
+      x: input batch.
+      train: training mode (BatchNorm batch statistics, dropout on).
+      rng: dropout key (may be None for deterministic modules).
+    Returns:
+      ``(output, new_state)``; ``new_state`` equals ``v.state`` in eval mode.
+    """
+    variables = {"params": v.params, **v.state}
+    rngs = {"dropout": rng} if rng is not None else {}
+    if train and v.state:
+        out, new_state = module.apply(variables, x, train=True, rngs=rngs,
+                                      mutable=list(v.state.keys()))
+        return out, dict(new_state)
+    return module.apply(variables, x, train=train, rngs=rngs), v.state
+
+
+def init_split(split: SplitModel, key: jax.Array) -> tuple[Vars, Vars, Vars]:
+    """Initialise client, server and auxiliary variables (no client axis)."""
+    kc, ks, ka = jax.random.split(key, 3)
+    x = jnp.zeros((1, *split.input_shape), jnp.float32)
+    client = init_part(split.client, kc, x)
+    z, _ = apply_part(split.client, client, x, train=False)
+    return client, init_part(split.server, ks, z), init_part(split.aux, ka, z)
+
+
+def cut_shape(split: SplitModel) -> tuple[tuple, Any]:
+    """Shape and dtype of one sample's cut-layer activation, from shapes only."""
+    client, _, _ = jax.eval_shape(functools.partial(init_split, split), jax.random.key(0))
+    x = jax.ShapeDtypeStruct((1, *split.input_shape), jnp.float32)
+    z = jax.eval_shape(lambda v, x: apply_part(split.client, v, x, False)[0], client, x)
+    return tuple(z.shape[1:]), z.dtype
+
+
+def tree_bytes(tree: Any) -> int:
+    """Exact bytes of every array leaf in ``tree`` (shape x itemsize)."""
+    return sum(int(np.prod(l.shape)) * np.dtype(l.dtype).itemsize
+               for l in jax.tree_util.tree_leaves(tree))
+
+
+def tree_size(tree: Any) -> int:
+    """Number of elements over every array leaf of ``tree``."""
+    return sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(tree))
+
+
+def model_bytes(v: Vars) -> int:
+    """Bytes a part costs to send: parameters plus non-trainable state."""
+    return tree_bytes(v.params) + tree_bytes(v.state)
+
+
+def describe(split: SplitModel) -> dict:
+    """Parameter and state counts, byte sizes and the cut shape of a split model."""
+    client, server, aux = jax.eval_shape(functools.partial(init_split, split), jax.random.key(0))
+    z_shape, z_dtype = cut_shape(split)
+    parts = {"client": client, "server": server, "aux": aux}
+    out = {"model": split.name, "input_shape": list(split.input_shape),
+           "num_classes": split.num_classes,
+           "cut_shape": list(z_shape),
+           "cut_bytes_per_sample": int(np.prod(z_shape)) * np.dtype(z_dtype).itemsize,
+           "param_counts": {k: tree_size(v.params) for k, v in parts.items()},
+           "state_counts": {k: tree_size(v.state) for k, v in parts.items()},
+           "model_bytes": {k: model_bytes(v) for k, v in parts.items()}}
+    for d in ("param_counts", "state_counts", "model_bytes"):
+        out[d]["full"] = out[d]["client"] + out[d]["server"]
+    return out

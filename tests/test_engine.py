@@ -1,0 +1,98 @@
+"""Engine behaviour: determinism, no recompilation, metrics, jit vs no jit."""
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from fslsage_jax.algorithms import ALGORITHMS
+from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.engine import ClientArrays
+from fslsage_jax.simulate import run_simulation
+
+
+def _data(m=3, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, n, 4)).astype(np.float32)
+    y = (x[..., 0] > 0).astype(np.int32) + (x[..., 1] > 0.5)
+    counts = np.array([n, n - 1, n - 2][:m], np.int32)
+    return types.SimpleNamespace(x=x, y=y.astype(np.int32), counts=counts)
+
+
+def _cfg(**kw):
+    base = dict(num_clients=3, batch_size=2, server_update_interval=2, align_interval=2,
+                align_epochs=2, align_batch_size=4, align_buffer_size=6)
+    return Config(**{**base, **kw})
+
+
+TIMES = ("round_time_s", "eval_time_s")
+
+
+@pytest.mark.parametrize("algo", ["fsl_sage", "sl_single_server"])
+def test_same_seed_gives_identical_metrics(toy, tmp_path, algo):
+    runs = []
+    for i in range(2):
+        out = tmp_path / str(i)
+        out.mkdir()
+        run_simulation(algo, toy, _cfg(), _data(), np.ones((5, 4), np.float32),
+                       np.zeros(5, np.int32), rounds=3, seed=7, out_dir=str(out), progress=False)
+        lines = [__import__("json").loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append([{k: v for k, v in r.items() if k not in TIMES} for r in lines])
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+
+def test_different_seed_differs(toy):
+    a, b = [run_simulation("fsl_sage", toy, _cfg(), _data(), np.ones((5, 4), np.float32),
+                           np.zeros(5, np.int32), rounds=1, seed=s, progress=False)
+            for s in (0, 1)]
+    assert a["final_test_loss"] != b["final_test_loss"]
+
+
+@pytest.mark.parametrize("step_loop", ["host", "scan"])
+def test_no_recompilation_after_first_round(toy, step_loop):
+    compiles = []
+    listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        d = _data()
+        data = ClientArrays(jax.numpy.asarray(d.x), jax.numpy.asarray(d.y), jax.numpy.asarray(d.counts))
+        algo = ALGORITHMS["fsl_sage"](toy, _cfg(step_loop=step_loop), d.x.shape[1])
+        state = algo.init(jax.random.key(0))
+        state, _ = algo.run_round(state, data, jax.random.key(1))
+        n_first = len(compiles)
+        for r in range(2, 5):   # rounds 1..3 include an alignment round (round 2)
+            state, _ = algo.run_round(state, data, jax.random.key(r))
+        assert n_first > 0 and len(compiles) == n_first
+    finally:
+        jax.monitoring.clear_event_listeners()
+
+
+def test_scan_and_host_step_loops_agree(toy):
+    d = _data()
+    data = ClientArrays(*(jax.numpy.asarray(a) for a in (d.x, d.y, d.counts)))
+    out = []
+    for loop in ("host", "scan"):
+        algo = ALGORITHMS["fsl_sage"](toy, _cfg(step_loop=loop), d.x.shape[1])
+        state = algo.init(jax.random.key(0))
+        for r in range(2):
+            state, m = algo.run_round(state, data, jax.random.key(r))
+        out.append((state, m))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           out[0][0], out[1][0])
+    assert out[0][1]["z_up"] == out[1][1]["z_up"]
+
+
+def test_metrics_file_and_grad_cosine(toy, tmp_path):
+    s = run_simulation("fsl_sage", toy, _cfg(), _data(), np.ones((5, 4), np.float32),
+                       np.zeros(5, np.int32), rounds=3, out_dir=str(tmp_path), progress=False)
+    recs = [__import__("json").loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [0, 1, 2]
+    for r in recs:
+        assert -1.0 <= r["grad_cosine"] <= 1.0
+        assert r["comm_bytes"] == sum(v for k, v in r["comm"].items() if k != "labels_up")
+    assert "align_loss_first_epoch" in recs[0] and "align_loss_first_epoch" not in recs[1]
+    assert recs[0]["comm"]["aux_down"] == 3 * 84 and recs[1]["comm"]["aux_down"] == 3 * 84
+    assert recs[2]["comm"]["aux_down"] == 6 * 84
+    summary = __import__("json").loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds_run"] == 3 and summary["stop_reason"] == "rounds"
+    assert summary["comm"] == recs[-1]["comm"] and summary["client_sample_counts"] == [6, 5, 4]
