@@ -54,26 +54,3 @@ def test_non_empty_out_is_refused(tmp_path, capsys):
         run.main(["--out", str(tmp_path), "--rounds", "1"])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
     assert (tmp_path / "x").read_text() == "keep me"
-
-
-def test_all_algorithms_write_outputs_and_table(tmp_path, capsys):
-    out = tmp_path / "all"
-    code = run.main(["--algo", "all", "--rounds", "1", "--batch-size", "128", "--out", str(out),
-                     "--no-progress", "--distribution", "dirichlet", "--alpha", "10"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    for algo in run.ALGOS:
-        d = out / algo
-        cfg = json.loads((d / "config.json").read_text())
-        assert cfg["algo"] == algo and cfg["config"]["batch_size"] == 128
-        (rec,) = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-        for key in ["round", "test_accuracy", "test_loss", "train_loss", "comm_bytes", "comm",
-                    "round_time_s"]:
-            assert key in rec
-        assert ("grad_cosine" in rec) == (algo == "fsl_sage")
-        s = json.loads((d / "summary.json").read_text())
-        assert s["rounds_run"] == 1 and s["total_bytes"] == rec["comm_bytes"]
-        assert set(s["model_bytes"]) == {"client", "server", "aux", "full"}
-        assert sum(s["client_sample_counts"]) == 1437 // 3 * 3
-        assert f"| {algo} |" in printed
-    assert len(json.loads((out / "comparison.json").read_text())) == 5
