@@ -14,8 +14,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fslsage_jax.algorithms.common import (Batch, Config, epoch_orders, gather_batch,
-                                           steps_per_epoch, weighted_average, broadcast)
+from fslsage_jax.algorithms import steps
+from fslsage_jax.algorithms.common import (Config, broadcast, epoch_orders, gather_batch,
+                                           sequential, steps_per_epoch, tree_where,
+                                           weighted_average)
 from fslsage_jax.split import SplitModel, Vars, apply_part
 
 
@@ -86,7 +88,8 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
     num_steps = cfg.local_epochs * steps_per_epoch(n_max, cfg.batch_size)
 
     def begin(data, key):
-        return epoch_orders(key, data.counts, n_max, cfg.local_epochs)
+        korder, kstep = jax.random.split(key)
+        return epoch_orders(korder, data.counts, n_max, cfg.local_epochs), kstep
 
     def one(state, acc, data, orders, key, t):
         batch = gather_batch(data.x, data.y, data.counts, orders, t, cfg.batch_size)
@@ -99,8 +102,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
     if cfg.step_loop == "scan":
         @jax.jit
         def compiled(state, data, key):
-            korder, kstep = jax.random.split(key)
-            orders = begin(data, korder)
+            orders, kstep = begin(data, key)
             def body(carry, t):
                 return one(*carry, data, orders, kstep, t), None
             (state, acc), _ = jax.lax.scan(body, (state, zero_metrics()), jnp.arange(num_steps))
@@ -113,7 +115,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
 
     if cfg.step_loop != "host":
         raise ValueError(f"unknown step_loop {cfg.step_loop!r}")
-    begin_j = jax.jit(lambda data, key: (begin(data, jax.random.split(key)[0]), jax.random.split(key)[1]))
+    begin_j = jax.jit(begin)
     one_j = jax.jit(one, donate_argnums=(0, 1))
     finish_j = jax.jit(finish, donate_argnums=(0,))
 
@@ -175,9 +177,6 @@ def make_serve(split: SplitModel, opt, cfg: Config) -> Callable:
     ``upload=False`` leaves the server untouched (its ``g_z`` and ``loss`` are
     zero). When no client uploads, the whole phase is skipped by a branch.
     """
-    from fslsage_jax.algorithms import steps
-    from fslsage_jax.algorithms.common import sequential, tree_where
-
     def one(carry, upload):
         sv, sopt = carry
         z, y, w, up, rng = upload

@@ -158,8 +158,7 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
     target = alignment_targets(split, sv, buf)
     n_valid = buf.size
     nb = -(-cap // batch_size)
-    grad_fn = jax.grad(alignment_loss, argnums=1)
-    loss_fn = alignment_loss
+    loss_and_grad = jax.value_and_grad(alignment_loss, argnums=1)
 
     def epoch(carry, ekey):
         params, ostate = carry
@@ -172,9 +171,8 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
             idx = order[jnp.minimum(pos, cap - 1)]
             w = (pos < n_valid).astype(jnp.float32)
             scale = 1.0 / jnp.maximum(jnp.sum(w), 1.0)
-            args = (split, params, av.state, buf.z[idx], buf.y[idx], w, target[idx] * scale)
-            loss = loss_fn(*args)
-            grads = grad_fn(*args)
+            loss, grads = loss_and_grad(split, params, av.state, buf.z[idx], buf.y[idx], w,
+                                        target[idx] * scale)
             updates, new_os = opt.update(grads, ostate, params)
             active = j * batch_size < n_valid
             new_p = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b),
