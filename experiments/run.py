@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-dir", default=None, help="directory with dataset files (for datasets read from disk)")
     a("--out", default=None, help="output directory (default runs/<algo>-<dataset>-<timestamp>/)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty --out")
-    a("--strategy", default=c.strategy, choices=STRATEGIES,
-      help="how the client axis runs: vmap (batched), map (lax.map, one client after another), "
+    a("--strategy", default="auto", choices=("auto",) + STRATEGIES,
+      help="how the client axis runs: auto (the fastest measured for this backend and input "
+           "size: vmap, or unroll for images larger than 16x16 on CPU), vmap (batched), map "
+           "(lax.map, one client after another), "
            "chunked (lax.map over vmapped chunks of --chunk-size), unroll (sequential, unrolled "
            "in the compiled program)")
     a("--chunk-size", type=int, default=c.chunk_size, help="clients per chunk for --strategy chunked")
@@ -151,9 +153,12 @@ def main(argv=None) -> int:
         fail(f"--batch-size {args.batch_size}: larger than the smallest client shard "
              f"({smallest} samples); use fewer clients or a smaller batch")
 
-    from fslsage_jax.algorithms.common import Config
+    import jax
+    from fslsage_jax.algorithms.common import Config, auto_strategy
     from fslsage_jax.simulate import run_simulation, write_json_atomic
 
+    if args.strategy == "auto":
+        args.strategy = auto_strategy(jax.default_backend(), tuple(ds.x_train.shape[1:]))
     cfg = Config(num_clients=args.num_clients, local_epochs=args.local_epochs,
                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                  server_update_interval=args.server_update_interval,
@@ -164,7 +169,6 @@ def main(argv=None) -> int:
     out = prepare_out(args.out or os.path.join("runs", f"{args.algo}-{args.dataset}-{stamp}"),
                       args.overwrite)
     algos = ALGOS if args.algo == "all" else (args.algo,)
-    import jax
     summaries = []
     for name in algos:
         run_dir = prepare_out(os.path.join(out, name), args.overwrite) if len(algos) > 1 else out

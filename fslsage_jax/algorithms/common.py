@@ -20,6 +20,19 @@ STRATEGIES = ("vmap", "map", "chunked", "unroll")
 STEP_LOOPS = ("scan", "host")
 
 
+def auto_strategy(backend: str, input_shape: tuple) -> str:
+    """The client-axis strategy measured fastest for a backend and input shape.
+
+    Measured on a 2-core XLA:CPU (jax 0.10.2, the ``cnn`` model, host step
+    loop): for 8x8 digits ``vmap`` is about 2x faster than ``unroll`` and 6-10x
+    faster than ``map``/``chunked``; for 32x32x3 images ``vmap`` lowers the
+    per-client convolutions to slow grouped convolutions and ``unroll`` is
+    3.4x faster (185 vs 55 samples/s, 4 clients, batch 32). Other backends get
+    ``vmap`` until measured otherwise.
+    """
+    if backend == "cpu" and len(input_shape) == 3 and input_shape[0] * input_shape[1] > 16 * 16:
+        return "unroll"
+    return "vmap"
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Hyperparameters of a federated split learning run (defaults: the paper's).
