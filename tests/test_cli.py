@@ -1,7 +1,6 @@
 """The command line: --describe, --help, validation, outputs of a small run."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest

@@ -83,7 +83,7 @@ def test_scan_and_host_step_loops_agree(toy):
 
 
 def test_metrics_file_and_grad_cosine(toy, tmp_path):
-    s = run_simulation("fsl_sage", toy, _cfg(), _data(), np.ones((5, 4), np.float32),
+    run_simulation("fsl_sage", toy, _cfg(), _data(), np.ones((5, 4), np.float32),
                        np.zeros(5, np.int32), rounds=3, out_dir=str(tmp_path), progress=False)
     recs = [__import__("json").loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [0, 1, 2]

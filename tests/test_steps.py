@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.common import (Buffer, buffer_init, buffer_mask, buffer_push,
+from fslsage_jax.algorithms.common import (buffer_init, buffer_mask, buffer_push,
                                            gather_batch, epoch_orders, lift, weighted_average)
 from fslsage_jax.split import Vars, init_split
 

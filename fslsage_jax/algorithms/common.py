@@ -9,7 +9,6 @@ changes how the same computation is executed.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
