@@ -23,44 +23,71 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2, data_dir: str | None 
     Args:
       seed: seed of the stratified train/test split (the only randomness).
       test_fraction: share of the test set (0.2 -> 1,437 train / 360 test).
-      data_dir: unused (the data ships with scikit-learn).
+      data_dir: unused (the data ships with scikit-learn); accepted so that
+        every loader takes the same arguments.
     Returns:
-      a :class:`Dataset`, images scaled to [0, 1], shape ``[N, 8, 8, 1]``.
+      a :class:`Dataset`, images scaled from 0..16 to [0, 1], shape ``[N, 8, 8, 1]``.
     """
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
-    d = sk_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    y = d.target.astype(np.int32)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, stratify=y,
-                                          random_state=seed)
-    return Dataset("digits", xtr, ytr, xte, yte, 10)
+
+    raw = sklearn_digits()
+    x = (raw.images / 16.0).astype(np.float32)[..., None]
+    y = raw.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y,
+                                              random_state=seed)
+    return Dataset("digits", x_tr, y_tr, x_te, y_te, 10)
 
 
 def make_synthetic(seed: int = 0, n_train: int = 1024, n_test: int = 256,
-                   shape: tuple = (32, 32, 3), num_classes: int = 10,
+                   shape: tuple[int, ...] = (32, 32, 3), num_classes: int = 10,
                    data_dir: str | None = None) -> Dataset:
-    """Random standard-normal images with uniform labels, for speed tests.
+    """Random images with uniform random labels, for speed tests.
 
-    Each class adds its own fixed random pattern (scale 0.5) to its images, so
-    the labels are learnable and a run can be sanity-checked.
+    Each image is standard-normal noise plus a fixed pattern of its class
+    (drawn once per class, standard normal scaled by 0.5, shared by train and
+    test), so the labels are weakly learnable and a training run can be
+    sanity-checked: accuracy should rise above 1 / num_classes.
+
+    Args:
+      seed: the only source of randomness.
+      n_train, n_test: number of train and test samples.
+      shape: image shape ``(H, W, C)``.
+      num_classes: number of labels.
+      data_dir: unused.
+    Returns:
+      a :class:`Dataset` of float32 images ``[N, *shape]`` and int32 labels.
     """
+    if n_train < 0 or n_test < 0 or num_classes < 1:
+        raise ValueError(f"need n_train, n_test >= 0 and num_classes >= 1, got "
+                         f"{n_train}, {n_test}, {num_classes}")
+    shape = tuple(int(s) for s in shape)
     rng = np.random.default_rng(seed)
     patterns = 0.5 * rng.standard_normal((num_classes, *shape)).astype(np.float32)
 
     def draw(n):
         y = rng.integers(0, num_classes, n).astype(np.int32)
         return rng.standard_normal((n, *shape)).astype(np.float32) + patterns[y], y
-    xtr, ytr = draw(n_train)
-    xte, yte = draw(n_test)
-    return Dataset("synthetic", xtr, ytr, xte, yte, num_classes)
+
+    x_tr, y_tr = draw(n_train)
+    x_te, y_te = draw(n_test)
+    return Dataset("synthetic", x_tr, y_tr, x_te, y_te, num_classes)
 
 
 DATASETS = {"digits": load_digits, "synthetic": make_synthetic}
 
 
 def load_dataset(name: str, seed: int = 0, data_dir: str | None = None, **kwargs) -> Dataset:
-    """Load a dataset by name (see ``DATASETS``)."""
+    """Load a dataset by name.
+
+    Args:
+      name: a key of ``DATASETS`` (``"digits"``, ``"synthetic"``).
+      seed: the dataset's seed (train/test split or generation).
+      data_dir: where downloaded data lives (unused by the two built-in sets).
+      **kwargs: passed on to the loader (e.g. ``n_train`` for synthetic).
+    Returns:
+      the :class:`Dataset`.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     return DATASETS[name](seed=seed, data_dir=data_dir, **kwargs)
