@@ -8,7 +8,10 @@ a small auxiliary part also maps ``z`` to the output.
 Every part's variables are a :class:`Vars` pair: ``params`` (trainable, seen by
 the optimizer) and ``state`` (non-trainable collections that the forward pass
 may update, e.g. BatchNorm ``batch_stats``). Both are averaged between rounds
-and both count in the model bytes. Algorithms only call :func:`apply_part`,
+and both count in the model bytes. A model may also hold frozen weights in the
+flax collection ``"frozen"`` (e.g. GPT-2's base weights under LoRA): they are
+never trained, averaged or sent, and are held ONCE for all clients
+(``Vars.frozen``, attached inside a lifted step, never given a client axis). Algorithms only call :func:`apply_part`,
 so any flax module trio (CNN, ResNet with BatchNorm, a transformer with a
 different loss) plugs in without changing them.
 """
@@ -25,10 +28,23 @@ import numpy as np
 import optax
 
 
+FROZEN = "frozen"
+
+
 class Vars(NamedTuple):
-    """Variables of one model part: trainable ``params``, non-trainable ``state``."""
+    """Variables of one model part: trainable ``params``, non-trainable ``state``
+    (both per client), and ``frozen`` weights shared by all clients (or None)."""
     params: Any
     state: Any
+    frozen: Any = None
+
+    def shared(self) -> tuple["Vars", Any]:
+        """``(self without its frozen weights, the frozen weights)``."""
+        return self._replace(frozen=None), self.frozen
+
+    def with_frozen(self, frozen: Any) -> "Vars":
+        """The same variables with ``frozen`` attached."""
+        return self._replace(frozen=frozen)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -53,6 +69,12 @@ class SplitModel:
       loss: ``(logits, labels) -> [B]`` per-sample training loss.
       correct: ``(logits, labels) -> [B]`` per-sample accuracy (0/1).
       label_shape: shape of one label (``()`` for classification).
+      masked_batch_stats: the modules take ``mask=`` ([B] bool, real samples of a
+        padded batch) so that batch statistics skip padding (BatchNorm).
+      input_fn: ``(x, rng, train) -> x`` applied on the device to raw client
+        inputs before the client model (augmentation, normalisation); None: none.
+      eval_loss: per-sample evaluation loss (None: ``loss``), e.g. without label smoothing.
+      input_dtype: dtype of the raw inputs (float32 images, int32 tokens).
     """
     name: str
     client: nn.Module
@@ -63,41 +85,62 @@ class SplitModel:
     loss: Callable = cross_entropy
     correct: Callable = argmax_correct
     label_shape: tuple = ()
+    masked_batch_stats: bool = False
+    input_fn: Callable | None = None
+    eval_loss: Callable | None = None
+    input_dtype: Any = jnp.float32
 
 
 def init_part(module: nn.Module, key: jax.Array, x: jax.Array) -> Vars:
     """Initialise one part on an example batch ``x``; returns its :class:`Vars`."""
     variables = dict(module.init({"params": key, "dropout": key}, x, train=False))
     params = variables.pop("params", {})
-    return Vars(params, variables)
+    frozen = variables.pop(FROZEN, None)
+    return Vars(params, variables, frozen)
 
 
 def apply_part(module: nn.Module, v: Vars, x: jax.Array, train: bool,
-               rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+               rng: jax.Array | None = None, mask: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Pure forward pass of one part.
 
     Args:
       module: the flax module.
-      v: its variables.
+      v: its variables (``v.frozen``, if any, is passed as the ``"frozen"`` collection).
       x: input batch.
       train: training mode (BatchNorm batch statistics, dropout on).
       rng: dropout key (may be None for deterministic modules).
+      mask: ``[B]`` real-sample mask, passed as ``mask=`` (only for modules that take it).
     Returns:
       ``(output, new_state)``; ``new_state`` equals ``v.state`` in eval mode.
     """
     variables = {"params": v.params, **v.state}
+    if v.frozen is not None:
+        variables[FROZEN] = v.frozen
     rngs = {"dropout": rng} if rng is not None else {}
+    kw = {} if mask is None else {"mask": mask}
     if train and v.state:
         out, new_state = module.apply(variables, x, train=True, rngs=rngs,
-                                      mutable=list(v.state.keys()))
+                                      mutable=list(v.state.keys()), **kw)
         return out, dict(new_state)
-    return module.apply(variables, x, train=train, rngs=rngs), v.state
+    return module.apply(variables, x, train=train, rngs=rngs, **kw), v.state
+
+
+def prepare_input(split: "SplitModel", x: jax.Array, rng: jax.Array | None, train: bool) -> jax.Array:
+    """Raw client inputs -> model inputs through ``split.input_fn`` (identity if None)."""
+    if split.input_fn is None:
+        return x
+    return split.input_fn(x, rng, train)
+
+
+def batch_mask(split: "SplitModel", w: jax.Array) -> jax.Array | None:
+    """The ``mask=`` argument for a batch with sample weights ``w`` (None if unused)."""
+    return (w > 0) if split.masked_batch_stats else None
 
 
 def init_split(split: SplitModel, key: jax.Array) -> tuple[Vars, Vars, Vars]:
     """Initialise client, server and auxiliary variables (no client axis)."""
     kc, ks, ka = jax.random.split(key, 3)
-    x = jnp.zeros((1, *split.input_shape), jnp.float32)
+    x = prepare_input(split, jnp.zeros((1, *split.input_shape), split.input_dtype), None, False)
     client = init_part(split.client, kc, x)
     z, _ = apply_part(split.client, client, x, train=False)
     return client, init_part(split.server, ks, z), init_part(split.aux, ka, z)
@@ -106,8 +149,9 @@ def init_split(split: SplitModel, key: jax.Array) -> tuple[Vars, Vars, Vars]:
 def cut_shape(split: SplitModel) -> tuple[tuple, Any]:
     """Shape and dtype of one sample's cut-layer activation, from shapes only."""
     client, _, _ = jax.eval_shape(functools.partial(init_split, split), jax.random.key(0))
-    x = jax.ShapeDtypeStruct((1, *split.input_shape), jnp.float32)
-    z = jax.eval_shape(lambda v, x: apply_part(split.client, v, x, False)[0], client, x)
+    x = jax.ShapeDtypeStruct((1, *split.input_shape), split.input_dtype)
+    z = jax.eval_shape(lambda v, x: apply_part(split.client, v, prepare_input(split, x, None, False),
+                                               False)[0], client, x)
     return tuple(z.shape[1:]), z.dtype
 
 
@@ -123,7 +167,8 @@ def tree_size(tree: Any) -> int:
 
 
 def model_bytes(v: Vars) -> int:
-    """Bytes a part costs to send: parameters plus non-trainable state."""
+    """Bytes a part costs to send: parameters plus non-trainable state (frozen weights
+    are never sent)."""
     return tree_bytes(v.params) + tree_bytes(v.state)
 
 
@@ -138,7 +183,8 @@ def describe(split: SplitModel) -> dict:
            "cut_bytes_per_sample": int(np.prod(z_shape)) * np.dtype(z_dtype).itemsize,
            "param_counts": {k: tree_size(v.params) for k, v in parts.items()},
            "state_counts": {k: tree_size(v.state) for k, v in parts.items()},
+           "frozen_counts": {k: tree_size(v.frozen) for k, v in parts.items()},
            "model_bytes": {k: model_bytes(v) for k, v in parts.items()}}
-    for d in ("param_counts", "state_counts", "model_bytes"):
+    for d in ("param_counts", "state_counts", "frozen_counts", "model_bytes"):
         out[d]["full"] = out[d]["client"] + out[d]["server"]
     return out
