@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import Config, broadcast, lift, make_optimizer, tree_where
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
-                                           make_run_round, make_serve)
-from fslsage_jax.split import SplitModel, init_split
+                                           frozen_parts, global_vars, init_parts, make_run_round,
+                                           make_serve)
+from fslsage_jax.split import SplitModel
 
 NAME = "cse_fsl"
 
@@ -39,22 +40,25 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     serve = make_serve(split, opt, cfg)
 
     def init(key):
-        cv, sv, av = init_split(split, key)
+        cv, sv, av, frozen = init_parts(split, key)
         return State(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
-                     sv, opt.init(sv.params), broadcast(av, m), broadcast(opt.init(av.params), m))
-
-    def client_step(cv, copt, av, aopt, x, y, w, active, rng):
-        cv2, copt2, av2, aopt2, z, loss = steps.local_aux_step(split, opt, opt, cv, copt, av, aopt,
-                                                               x, y, w, rng)
-        return tree_where(active, (cv2, copt2, av2, aopt2), (cv, copt, av, aopt)) + (z,)
-    client_step = lift(client_step, cfg.strategy, cfg.chunk_size)
+                     sv, opt.init(sv.params), broadcast(av, m), broadcast(opt.init(av.params), m),
+                     frozen=frozen)
 
     def step(state, b, t, rng, acc):
+        fc, fs, fa = frozen_parts(state)
+
+        def client_step(cv, copt, av, aopt, x, y, w, active, rng):
+            cv2, copt2, av2, aopt2, z, loss = steps.local_aux_step(
+                split, opt, opt, cv.with_frozen(fc), copt, av.with_frozen(fa), aopt, x, y, w, rng)
+            return tree_where(active, (cv2, copt2, av2, aopt2), (cv, copt, av, aopt)) + (z,)
+
         kc, ks = jax.random.split(rng)
-        cv, copt, av, aopt, z = client_step(state.clients, state.client_opt, state.aux, state.aux_opt,
-                                            b.x, b.y, b.w, b.active, jax.random.split(kc, m))
+        cv, copt, av, aopt, z = lift(client_step, cfg.strategy, cfg.chunk_size)(
+            state.clients, state.client_opt, state.aux, state.aux_opt, b.x, b.y, b.w, b.active,
+            jax.random.split(kc, m))
         up = uploads(b, cfg.server_update_interval)
-        sv, sopt, _, loss = serve(state.server, state.server_opt, z, b.y, b.w, up, ks)
+        sv, sopt, _, loss = serve(state.server.with_frozen(fs), state.server_opt, z, b.y, b.w, up, ks)
         state = state._replace(clients=cv, client_opt=copt, aux=av, aux_opt=aopt,
                                server=sv, server_opt=sopt)
         return state, count_uploads(add_loss(acc, loss, b.w.sum(1) * up), b, up)
@@ -64,4 +68,4 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
                               aux=average_into(state.aux, weights))
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
-                     lambda s: (first(s.clients), s.server))
+                     lambda s: global_vars(s, first(s.clients), s.server))

@@ -18,7 +18,7 @@ from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import (Config, broadcast, epoch_orders, gather_batch,
                                            sequential, steps_per_epoch, tree_where,
                                            weighted_average)
-from fslsage_jax.split import SplitModel, Vars, apply_part
+from fslsage_jax.split import SplitModel, Vars, apply_part, init_split, prepare_input
 
 
 class State(NamedTuple):
@@ -27,6 +27,8 @@ class State(NamedTuple):
     ``clients``, ``client_opt``, ``aux``, ``aux_opt``, ``buffer`` carry a
     leading client axis ``[m, ...]``; ``server`` and ``server_opt`` do not,
     except for SplitFed-MS and FedAvg, where every client has its own copy.
+    ``frozen`` is None or ``(client, server, aux)`` frozen weights, held once for
+    all clients (no client axis); the ``Vars`` in the other fields have ``frozen=None``.
     """
     round: jax.Array
     clients: Vars
@@ -36,6 +38,20 @@ class State(NamedTuple):
     aux: Any = None
     aux_opt: Any = None
     buffer: Any = None
+    frozen: Any = None
+
+
+def init_parts(split: SplitModel, key: jax.Array) -> tuple[Vars, Vars, Vars, Any]:
+    """``init_split`` with the frozen weights taken out: ``(client, server, aux, frozen)``,
+    ``frozen`` None or ``(client, server, aux)`` frozen trees."""
+    parts = [v.shared() for v in init_split(split, key)]
+    frozen = tuple(f for _, f in parts)
+    return (*(v for v, _ in parts), None if all(f is None for f in frozen) else frozen)
+
+
+def frozen_parts(state: State) -> tuple:
+    """``(client, server, aux)`` frozen weights of ``state`` (Nones when there are none)."""
+    return (None, None, None) if state.frozen is None else state.frozen
 
 
 METRIC_KEYS = ("loss_sum", "loss_n", "z_up", "g_down", "cos_sum", "cos_n",
@@ -139,17 +155,25 @@ def first(tree_m: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x[0], tree_m)
 
 
+def global_vars(state: State, client: Vars, server: Vars) -> tuple[Vars, Vars]:
+    """The global (client, server) variables with the frozen weights attached."""
+    fc, fs, _ = frozen_parts(state)
+    return client.with_frozen(fc), server.with_frozen(fs)
+
+
 def make_evaluate(split: SplitModel, batch_size: int = 1000) -> Callable:
     """``evaluate(client Vars, server Vars, x, y) -> (mean loss, accuracy)`` over a whole set.
 
     Batches of ``batch_size`` go through one compiled eval step each; sums stay
     on the device and are pulled once.
     """
+    loss = split.eval_loss or split.loss
+
     @jax.jit
     def sums(cv, sv, x, y, w):
-        z, _ = apply_part(split.client, cv, x, False)
+        z, _ = apply_part(split.client, cv, prepare_input(split, x, None, False), False)
         logits, _ = apply_part(split.server, sv, z, False)
-        return jnp.sum(split.loss(logits, y) * w), jnp.sum(split.correct(logits, y) * w)
+        return jnp.sum(loss(logits, y) * w), jnp.sum(split.correct(logits, y) * w)
 
     def evaluate(cv, sv, x, y):
         n = x.shape[0]
@@ -173,18 +197,22 @@ def make_serve(split: SplitModel, opt, cfg: Config) -> Callable:
     """One shared server consuming the clients' uploads in client order.
 
     Returns ``serve(sv, sopt, z, y, w, upload, rng) -> (sv, sopt, g_z, loss)``
-    where ``z, y, w, upload`` have a client axis; a client with
+    where ``z, y, w, upload`` have a client axis (``sv`` may carry frozen
+    weights; the returned ``sv`` does not); a client with
     ``upload=False`` leaves the server untouched (its ``g_z`` and ``loss`` are
     zero). When no client uploads, the whole phase is skipped by a branch.
     """
-    def one(carry, upload):
-        sv, sopt = carry
-        z, y, w, up, rng = upload
-        sv2, sopt2, gz, loss = steps.server_step(split, opt, sv, sopt, z, y, w, rng)
-        return tree_where(up, (sv2, sopt2), (sv, sopt)), (gz * up, loss * up)
-    run = sequential(one, cfg.strategy)
-
     def serve(sv, sopt, z, y, w, upload, rng):
+        frozen = sv.frozen
+        sv = sv.with_frozen(None)
+
+        def one(carry, upload):
+            sv, sopt = carry
+            z, y, w, up, rng = upload
+            sv2, sopt2, gz, loss = steps.server_step(split, opt, sv.with_frozen(frozen), sopt, z, y, w, rng)
+            return tree_where(up, (sv2, sopt2), (sv, sopt)), (gz * up, loss * up)
+        run = sequential(one, cfg.strategy)
+
         m = upload.shape[0]
         xs = (z, y, w, upload, jax.random.split(rng, m))
         def skip(sv, sopt, xs):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import Config, broadcast, lift, make_optimizer, tree_where
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
-                                           make_run_round)
-from fslsage_jax.split import SplitModel, init_split
+                                           frozen_parts, global_vars, init_parts, make_run_round)
+from fslsage_jax.split import SplitModel
 
 NAME = "fed_avg"
 
@@ -19,15 +19,17 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     m, opt = cfg.num_clients, make_optimizer(cfg.lr, cfg.weight_decay)
 
     def init(key):
-        cv, sv, _ = init_split(split, key)
+        cv, sv, _, frozen = init_parts(split, key)
         return State(jnp.zeros((), jnp.int32), broadcast(cv, m),
-                     broadcast(opt.init((cv.params, sv.params)), m), broadcast(sv, m))
-
-    def client_step(cv, sv, os, x, y, w, active, rng):
-        new = steps.full_step(split, opt, cv, sv, os, x, y, w, rng)
-        return tree_where(active, new[:3], (cv, sv, os)) + (new[3],)
+                     broadcast(opt.init((cv.params, sv.params)), m), broadcast(sv, m), frozen=frozen)
 
     def step(state, b, t, rng, acc):
+        fc, fs, _ = frozen_parts(state)
+
+        def client_step(cv, sv, os, x, y, w, active, rng):
+            new = steps.full_step(split, opt, cv.with_frozen(fc), sv.with_frozen(fs), os, x, y, w, rng)
+            return tree_where(active, new[:3], (cv, sv, os)) + (new[3],)
+
         rngs = jax.random.split(rng, m)
         cv, sv, os, loss = lift(client_step, cfg.strategy, cfg.chunk_size)(
             state.clients, state.server, state.client_opt, b.x, b.y, b.w, b.active, rngs)
@@ -38,4 +40,4 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
                               server=average_into(state.server, weights))
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
-                     lambda s: (first(s.clients), first(s.server)))
+                     lambda s: global_vars(s, first(s.clients), first(s.server)))

@@ -25,8 +25,9 @@ from fslsage_jax.algorithms.common import (Config, broadcast, buffer_init, buffe
                                            make_optimizer, tree_where)
 from fslsage_jax.algorithms.cse_fsl import count_uploads, uploads
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
-                                           make_run_round, make_serve)
-from fslsage_jax.split import SplitModel, cut_shape, init_split
+                                           frozen_parts, global_vars, init_parts, make_run_round,
+                                           make_serve)
+from fslsage_jax.split import SplitModel, cut_shape
 
 NAME = "fsl_sage"
 
@@ -40,30 +41,33 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     z_shape, z_dtype = cut_shape(split)
 
     def init(key):
-        cv, sv, av = init_split(split, key)
+        cv, sv, av, frozen = init_parts(split, key)
         buf = buffer_init(cfg.align_buffer_size, z_shape, split.label_shape, z_dtype)
         return State(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
                      sv, opt.init(sv.params), broadcast(av, m),
-                     broadcast(align_opt.init(av.params), m), broadcast(buf, m))
+                     broadcast(align_opt.init(av.params), m), broadcast(buf, m), frozen)
 
-    forward = L(lambda cv, x, r: steps.client_forward(split, cv, x, r))
     push = L(buffer_push)
-    estimate = L(lambda av, z, y, w: steps.aux_grad_estimate(split, av, z, y, w))
 
     def backward(cv, copt, vjp_fn, g, cstate, active):
         return tree_where(active, steps.client_backward(opt, cv, copt, vjp_fn, g, cstate), (cv, copt))
     backward = L(backward)
 
     def step(state, b, t, rng, acc):
+        fc, fs, fa = frozen_parts(state)
+        forward = L(lambda cv, x, w, r: steps.client_forward(split, cv.with_frozen(fc), x, r, w))
+        estimate = L(lambda av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w))
         kc, ks, ka = jax.random.split(rng, 3)
-        z, vjp_fn, cstate = forward(state.clients, b.x, jax.random.split(kc, m))
+        z, vjp_fn, cstate = forward(state.clients, b.x, b.w, jax.random.split(kc, m))
         up = uploads(b, cfg.server_update_interval)
-        sv, sopt, g_true, loss = serve(state.server, state.server_opt, z, b.y, b.w, up, ks)
+        sv, sopt, g_true, loss = serve(state.server.with_frozen(fs), state.server_opt, z, b.y, b.w,
+                                       up, ks)
         buf = push(state.buffer, z, b.y, b.w * up[:, None])
 
         def do_align(av, ao):
             align_all = L(lambda av, ao, buf, k: steps.align(
-                split, align_opt, av, ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size))
+                split, align_opt, av.with_frozen(fa), ao, sv.with_frozen(fs), buf, k,
+                cfg.align_epochs, cfg.align_batch_size))
             av, ao, (first_l, last_l) = align_all(av, ao, buf, jax.random.split(ka, m))
             return av, ao, jnp.mean(first_l), jnp.mean(last_l)
         aligning = (t == 0) & (state.round % cfg.align_interval == 0)
@@ -85,4 +89,4 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
         return state._replace(clients=average_into(state.clients, weights))
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
-                     lambda s: (first(s.clients), s.server))
+                     lambda s: global_vars(s, first(s.clients), s.server))

@@ -5,7 +5,10 @@ what a user imports into their own JAX code. Each acts on ONE client's
 arrays (no client axis) and is safe under ``jax.jit`` and ``jax.vmap``.
 Batches carry a per-sample weight ``w`` (1 for a real sample, 0 for padding),
 so the last, smaller minibatch of an epoch works at fixed shapes; losses are
-means over the real samples, as PyTorch's mean-reduced losses are.
+means over the real samples, as PyTorch's mean-reduced losses are. Raw client
+inputs go through ``split.input_fn`` (on-device augmentation) inside the
+client steps; frozen shared weights ride along in ``Vars.frozen`` and are
+never returned in the updated variables.
 
 FSL-SAGE (Nair et al., ICML 2025): the client's update direction at the cut
 layer is the auxiliary estimate ``g_hat = grad_z L(aux(z), y)``
@@ -21,22 +24,32 @@ import jax.numpy as jnp
 import optax
 
 from fslsage_jax.algorithms.common import Buffer, buffer_mask, masked_mean, shuffled_order
-from fslsage_jax.split import SplitModel, Vars, apply_part
+from fslsage_jax.split import SplitModel, Vars, apply_part, batch_mask, prepare_input
 
 
-def client_forward(split: SplitModel, cv: Vars, x: jax.Array, rng: jax.Array | None = None):
+def _keys(rng):
+    """(dropout key, augmentation key) from one step key (None stays None)."""
+    return (None, None) if rng is None else tuple(jax.random.split(rng))
+
+
+def client_forward(split: SplitModel, cv: Vars, x: jax.Array, rng: jax.Array | None = None,
+                   w: jax.Array | None = None):
     """Client forward pass in training mode, keeping what the backward pass needs.
 
     Args:
       split: the split model.
       cv: client variables.
-      x: input batch ``[B, ...]``.
-      rng: dropout key or None.
+      x: raw input batch ``[B, ...]`` (``split.input_fn`` is applied here).
+      rng: dropout/augmentation key or None (None: no augmentation).
+      w: ``[B]`` sample weights (0 = padding), for masked batch statistics.
     Returns:
       ``(z, vjp_fn, new_state)``: the cut activation, a function mapping a
       cut-layer gradient ``g_z`` to ``(grad_params,)``, the updated client state.
     """
-    f = lambda p: apply_part(split.client, Vars(p, cv.state), x, True, rng)
+    rng, kaug = _keys(rng)
+    x = prepare_input(split, x, kaug, True)
+    mask = None if w is None else batch_mask(split, w)
+    f = lambda p: apply_part(split.client, cv._replace(params=p), x, True, rng, mask)
     z, vjp_fn, new_state = jax.vjp(f, cv.params, has_aux=True)
     return z, vjp_fn, new_state
 
@@ -61,7 +74,7 @@ def client_backward(opt: optax.GradientTransformation, cv: Vars, opt_state: Any,
 def part_loss(split: SplitModel, module, v: Vars, z: jax.Array, y: jax.Array, w: jax.Array,
               train: bool = True, rng: jax.Array | None = None):
     """Masked-mean loss of ``module`` on cut activations ``z``: ``(loss, new_state)``."""
-    logits, new_state = apply_part(module, v, z, train, rng)
+    logits, new_state = apply_part(module, v, z, train, rng, batch_mask(split, w) if train else None)
     return masked_mean(split.loss(logits, y), w), new_state
 
 
@@ -73,7 +86,7 @@ def server_grads(split: SplitModel, sv: Vars, z: jax.Array, y: jax.Array, w: jax
       ``(loss, grad_params, g_z, new_state)``; ``g_z`` is the true gradient
       dL/dz that SplitFed sends back to the client.
     """
-    f = lambda p, z: part_loss(split, split.server, Vars(p, sv.state), z, y, w, True, rng)
+    f = lambda p, z: part_loss(split, split.server, sv._replace(params=p), z, y, w, True, rng)
     (loss, new_state), (gp, gz) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(sv.params, z)
     return loss, gp, gz, new_state
 
@@ -126,11 +139,11 @@ def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer) -> jax.Array:
 
 
 def alignment_loss(split: SplitModel, aux_params: Any, aux_state: Any, z: jax.Array,
-                   y: jax.Array, w: jax.Array, target: jax.Array) -> jax.Array:
+                   y: jax.Array, w: jax.Array, target: jax.Array, aux_frozen: Any = None) -> jax.Array:
     """Squared error, summed over elements, between the auxiliary cut-layer gradient
     (of the minibatch's mean auxiliary loss) and the server's (``target``, already
     scaled to the same minibatch mean)."""
-    g_hat = aux_grad_estimate(split, Vars(aux_params, aux_state), z, y, w)
+    g_hat = aux_grad_estimate(split, Vars(aux_params, aux_state, aux_frozen), z, y, w)
     wz = w.reshape(w.shape + (1,) * (z.ndim - 1))
     return jnp.sum(((g_hat - target) * wz) ** 2)
 
@@ -172,7 +185,7 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
             w = (pos < n_valid).astype(jnp.float32)
             scale = 1.0 / jnp.maximum(jnp.sum(w), 1.0)
             loss, grads = loss_and_grad(split, params, av.state, buf.z[idx], buf.y[idx], w,
-                                        target[idx] * scale)
+                                        target[idx] * scale, av.frozen)
             updates, new_os = opt.update(grads, ostate, params)
             active = j * batch_size < n_valid
             new_p = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b),
@@ -197,9 +210,12 @@ def local_aux_step(split: SplitModel, opt_client, opt_aux, cv: Vars, copt, av: V
       ``(new_cv, new_copt, new_av, new_aopt, z, loss)`` where ``z`` is the cut
       activation computed before the step (what the client uploads).
     """
+    rng, kaug = _keys(rng)
+    x = prepare_input(split, x, kaug, True)
+
     def f(cp, ap):
-        z, cstate = apply_part(split.client, Vars(cp, cv.state), x, True, rng)
-        loss, astate = part_loss(split, split.aux, Vars(ap, av.state), z, y, w, True, rng)
+        z, cstate = apply_part(split.client, cv._replace(params=cp), x, True, rng, batch_mask(split, w))
+        loss, astate = part_loss(split, split.aux, av._replace(params=ap), z, y, w, True, rng)
         return loss, (z, cstate, astate)
 
     (loss, (z, cstate, astate)), (gc, ga) = jax.value_and_grad(f, (0, 1), has_aux=True)(cv.params, av.params)
@@ -216,10 +232,13 @@ def full_step(split: SplitModel, opt, cv: Vars, sv: Vars, opt_state, x, y, w, rn
       ``(new_cv, new_sv, new_opt_state, loss)``; the optimizer acts on the pair
       ``(client_params, server_params)``.
     """
+    rng, kaug = _keys(rng)
+    x = prepare_input(split, x, kaug, True)
+
     def f(params):
         cp, sp = params
-        z, cstate = apply_part(split.client, Vars(cp, cv.state), x, True, rng)
-        loss, sstate = part_loss(split, split.server, Vars(sp, sv.state), z, y, w, True, rng)
+        z, cstate = apply_part(split.client, cv._replace(params=cp), x, True, rng, batch_mask(split, w))
+        loss, sstate = part_loss(split, split.server, sv._replace(params=sp), z, y, w, True, rng)
         return loss, (cstate, sstate)
 
     params = (cv.params, sv.params)
