@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.common import Config, broadcast, lift, make_optimizer, tree_where
+from fslsage_jax.algorithms.common import Config, broadcast, lift, optimizer_for, tree_where
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
                                            frozen_parts, global_vars, init_parts, make_run_round)
 from fslsage_jax.split import SplitModel
@@ -16,7 +16,7 @@ NAME = "fed_avg"
 
 def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """FedAvg for ``split`` and ``cfg``; client shards padded to ``n_max``."""
-    m, opt = cfg.num_clients, make_optimizer(cfg.lr, cfg.weight_decay)
+    m, opt = cfg.num_clients, optimizer_for(cfg)
 
     def init(key):
         cv, sv, _, frozen = init_parts(split, key)

@@ -22,7 +22,7 @@ import optax
 
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import (Config, broadcast, buffer_init, buffer_push, lift,
-                                           make_optimizer, tree_where)
+                                           optimizer_for, tree_where)
 from fslsage_jax.algorithms.cse_fsl import count_uploads, uploads
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
                                            frozen_parts, global_vars, init_parts, make_run_round,
@@ -34,7 +34,7 @@ NAME = "fsl_sage"
 
 def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """FSL-SAGE for ``split`` and ``cfg``; client shards padded to ``n_max``."""
-    m, opt = cfg.num_clients, make_optimizer(cfg.lr, cfg.weight_decay)
+    m, opt = cfg.num_clients, optimizer_for(cfg)
     align_opt = optax.adam(cfg.align_lr)
     serve = make_serve(split, opt, cfg)
     L = lambda f: lift(f, cfg.strategy, cfg.chunk_size)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.common import Config, broadcast, lift, make_optimizer, tree_where
+from fslsage_jax.algorithms.common import Config, broadcast, lift, optimizer_for, tree_where
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
                                            frozen_parts, global_vars, init_parts, make_run_round,
                                            make_serve)
@@ -40,7 +40,7 @@ def _count(acc, b):
 
 def make_multi_server(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """SplitFed-MS (V1): per-client server copies, averaged each round."""
-    m, opt = cfg.num_clients, make_optimizer(cfg.lr, cfg.weight_decay)
+    m, opt = cfg.num_clients, optimizer_for(cfg)
 
     def step(state, b, t, rng, acc):
         fc, fs, _ = frozen_parts(state)
@@ -69,7 +69,7 @@ def make_multi_server(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
 def make_single_server(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """SplitFed-SS (V2): one server updated by every client's batch in turn."""
-    m, opt = cfg.num_clients, make_optimizer(cfg.lr, cfg.weight_decay)
+    m, opt = cfg.num_clients, optimizer_for(cfg)
     def backward(cv, copt, vjp_fn, gz, cstate, active):
         new = steps.client_backward(opt, cv, copt, vjp_fn, gz, cstate)
         return tree_where(active, new, (cv, copt))
