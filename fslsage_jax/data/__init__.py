@@ -1,8 +1,30 @@
-"""Data sources and client partitions."""
-from fslsage_jax.data.partition import (DISTRIBUTIONS, ClientData, class_histogram, partition,
-                                        partition_dirichlet, partition_iid, to_client_arrays)
-from fslsage_jax.data.sources import DATASETS, Dataset, load_dataset, load_digits, make_synthetic
+"""Data sources, client partitions and on-device image transforms."""
+from fslsage_jax.data.augment import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    make_image_transform,
+    normalize,
+    random_crop_flip,
+)
+from fslsage_jax.data.cifar import DataUnavailable, load_cifar10, load_cifar100
+from fslsage_jax.data.partition import (
+    DISTRIBUTIONS,
+    ClientData,
+    class_histogram,
+    partition,
+    partition_dirichlet,
+    partition_iid,
+    to_client_arrays,
+)
+from fslsage_jax.data.sources import (
+    DATASETS,
+    Dataset,
+    load_dataset,
+    load_digits,
+    make_synthetic,
+)
 
-__all__ = ["ClientData", "DATASETS", "DISTRIBUTIONS", "Dataset", "class_histogram", "load_dataset",
-           "load_digits", "make_synthetic", "partition", "partition_dirichlet", "partition_iid",
-           "to_client_arrays"]
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DISTRIBUTIONS", "ClientData", "DataUnavailable",
+           "Dataset", "class_histogram", "load_cifar10", "load_cifar100", "load_dataset", "load_digits",
+           "make_image_transform", "make_synthetic", "normalize", "partition", "partition_dirichlet",
+           "partition_iid", "random_crop_flip", "to_client_arrays"]

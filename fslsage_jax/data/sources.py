@@ -1,20 +1,28 @@
-"""Datasets as host arrays: ``digits`` (real, bundled with scikit-learn, offline)
-and ``synthetic`` (random images of any shape, for speed tests)."""
+"""Datasets as host arrays: ``digits`` (real, bundled with scikit-learn, offline),
+``synthetic`` (random images of any shape, for speed tests) and ``cifar10`` /
+``cifar100`` (uint8 images, see :mod:`fslsage_jax.data.cifar`)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 
 class Dataset(NamedTuple):
-    """A classification dataset: float32 images ``[N, H, W, C]``, int32 labels ``[N]``."""
+    """A classification dataset: images ``[N, H, W, C]`` (float32, or uint8 with a ``transform``),
+    int32 labels ``[N]``.
+
+    ``transform``: the on-device ``transform(x, rng, train) -> float32`` the raw
+    images need (augmentation, normalisation), or None to use them as they are.
+    """
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    transform: Callable | None = None
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2, data_dir: str | None = None) -> Dataset:
@@ -74,16 +82,29 @@ def make_synthetic(seed: int = 0, n_train: int = 1024, n_test: int = 256,
     return Dataset("synthetic", x_tr, y_tr, x_te, y_te, num_classes)
 
 
-DATASETS = {"digits": load_digits, "synthetic": make_synthetic}
+def _cifar10(seed: int = 0, data_dir: str | None = None) -> Dataset:
+    from fslsage_jax.data.cifar import load_cifar10  # lazy: cifar imports this module
+    return load_cifar10(seed=seed, data_dir=data_dir)
+
+
+def _cifar100(seed: int = 0, data_dir: str | None = None) -> Dataset:
+    from fslsage_jax.data.cifar import load_cifar100
+    return load_cifar100(seed=seed, data_dir=data_dir)
+
+
+_cifar10.__doc__ = "CIFAR-10, see :func:`fslsage_jax.data.cifar.load_cifar10`."
+_cifar100.__doc__ = "CIFAR-100 (fine labels), see :func:`fslsage_jax.data.cifar.load_cifar100`."
+
+DATASETS = {"digits": load_digits, "synthetic": make_synthetic, "cifar10": _cifar10, "cifar100": _cifar100}
 
 
 def load_dataset(name: str, seed: int = 0, data_dir: str | None = None, **kwargs) -> Dataset:
     """Load a dataset by name.
 
     Args:
-      name: a key of ``DATASETS`` (``"digits"``, ``"synthetic"``).
+      name: a key of ``DATASETS`` (``"digits"``, ``"synthetic"``, ``"cifar10"``, ``"cifar100"``).
       seed: the dataset's seed (train/test split or generation).
-      data_dir: where downloaded data lives (unused by the two built-in sets).
+      data_dir: where downloaded data lives (CIFAR; unused by digits and synthetic).
       **kwargs: passed on to the loader (e.g. ``n_train`` for synthetic).
     Returns:
       the :class:`Dataset`.
