@@ -1,0 +1,70 @@
+"""ResNet-18 (BatchNorm, uint8 inputs augmented on the device) through every algorithm.
+
+A narrow copy of the same network (``width=8``) keeps this fast on a CPU; the
+layout, BatchNorm handling and cut are those of ``resnet18``.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fslsage_jax.algorithms import ALGORITHMS
+from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
+from fslsage_jax.comm import sizes_of
+from fslsage_jax.data.augment import make_image_transform
+from fslsage_jax.models.resnet import make_resnet18
+from fslsage_jax.split import model_bytes
+
+M, N, B = 2, 6, 4                      # clients, samples per client (uneven batches: 4 + 2), batch
+
+
+@pytest.fixture(scope="module")
+def setup():
+    split = make_resnet18((32, 32, 3), 10, width=8)
+    split = dataclasses.replace(split, input_fn=make_image_transform(), input_dtype=jnp.uint8)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (M, N, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, (M, N)).astype(np.int32)
+    data = ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.array([N, N - 1], jnp.int32))
+    return split, data
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_one_round_each_algorithm(setup, algo):
+    split, data = setup
+    cfg = Config(num_clients=M, batch_size=B, server_update_interval=1, align_interval=1,
+                 align_epochs=1, align_batch_size=4, align_buffer_size=8)
+    a = ALGORITHMS[algo](split, cfg, N)
+    s0 = a.init(jax.random.key(0))
+    s0 = jax.tree_util.tree_map(np.array, s0)            # host copy: run_round donates its input
+    s1, acc = a.run_round(jax.tree_util.tree_map(jnp.asarray, s0), data, jax.random.key(1))
+    assert np.isfinite(acc["loss_sum"]) and acc["loss_n"] > 0
+    # BatchNorm statistics are client state: they moved, and were averaged (all clients equal)
+    st0, st1 = s0.clients.state["batch_stats"], s1.clients.state["batch_stats"]
+    moved = [not np.allclose(a0, a1) for a0, a1 in zip(jax.tree_util.tree_leaves(st0),
+                                                        jax.tree_util.tree_leaves(st1))]
+    assert all(moved)
+    for leaf in jax.tree_util.tree_leaves(st1):
+        np.testing.assert_allclose(leaf[0], leaf[1], rtol=1e-6)
+    # the server keeps its own statistics (trained by the uploads in split algorithms)
+    sv0 = s0.server.state["batch_stats"]
+    sv1 = s1.server.state["batch_stats"]
+    assert any(not np.allclose(a0, a1) for a0, a1 in zip(jax.tree_util.tree_leaves(sv0),
+                                                          jax.tree_util.tree_leaves(sv1)))
+    loss, accuracy = make_evaluate(split, batch_size=4)(*a.global_model(s1), data.x[0], data.y[0])
+    assert np.isfinite(loss) and 0.0 <= accuracy <= 1.0
+
+
+def test_model_bytes_count_batchnorm_statistics(setup):
+    split, _ = setup
+    sizes = sizes_of(make_resnet18((32, 32, 3), 10))
+    assert sizes.client == (683072 + 1920) * 4                    # parameters + BN statistics
+    assert sizes.z_per_sample == 4 * 4 * 128 * 4
+    narrow = sizes_of(split)
+    from fslsage_jax.split import init_split
+    cv, _, _ = init_split(split, jax.random.key(0))
+    assert narrow.client == model_bytes(cv) and model_bytes(cv) > 4 * sum(
+        x.size for x in jax.tree_util.tree_leaves(cv.params))
