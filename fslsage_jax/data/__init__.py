@@ -17,14 +17,16 @@ from fslsage_jax.data.partition import (
     to_client_arrays,
 )
 from fslsage_jax.data.sources import (
+    DATASET_SHAPES,
     DATASETS,
     Dataset,
+    dataset_shape,
     load_dataset,
     load_digits,
     make_synthetic,
 )
 
-__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DISTRIBUTIONS", "ClientData", "DataUnavailable",
-           "Dataset", "class_histogram", "load_cifar10", "load_cifar100", "load_dataset", "load_digits",
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DATASET_SHAPES", "DISTRIBUTIONS", "ClientData", "DataUnavailable",
+           "Dataset", "class_histogram", "dataset_shape", "load_cifar10", "load_cifar100", "load_dataset", "load_digits",
            "make_image_transform", "make_synthetic", "normalize", "partition", "partition_dirichlet",
            "partition_iid", "random_crop_flip", "to_client_arrays"]

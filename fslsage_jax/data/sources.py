@@ -97,6 +97,17 @@ _cifar100.__doc__ = "CIFAR-100 (fine labels), see :func:`fslsage_jax.data.cifar.
 
 DATASETS = {"digits": load_digits, "synthetic": make_synthetic, "cifar10": _cifar10, "cifar100": _cifar100}
 
+# what a model needs to know about a dataset without loading it (``--describe`` offline)
+DATASET_SHAPES = {"digits": ((8, 8, 1), 10), "synthetic": ((32, 32, 3), 10),
+                  "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
+
+
+def dataset_shape(name: str) -> tuple[tuple[int, ...], int]:
+    """``(input shape of one sample, number of classes)`` of a named dataset, without loading it."""
+    if name not in DATASET_SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASET_SHAPES)}")
+    return DATASET_SHAPES[name]
+
 
 def load_dataset(name: str, seed: int = 0, data_dir: str | None = None, **kwargs) -> Dataset:
     """Load a dataset by name.
