@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from typing import NamedTuple
 
 ALGOS = ("fed_avg", "sl_multi_server", "sl_single_server", "cse_fsl", "fsl_sage")
@@ -256,12 +257,13 @@ def plot_runs(runs: list[Run], out: str, target: float, title: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Plot runs of experiments/run.py. Writes ONE PNG with two panels: test accuracy "
-                    "vs cumulative communication (GiB), with a dashed line at the target accuracy "
-                    "and a marker + label at the GiB where each run first reaches it; and test "
-                    "accuracy vs round. Prints a table (final, best accuracy, GiB to target).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    desc = ("Plot runs of experiments/run.py. Writes ONE PNG with two panels: test accuracy vs "
+            "cumulative communication (GiB), with a dashed line at the target accuracy and a marker + "
+            "label at the GiB where each run first reaches it; and test accuracy vs round. Prints a "
+            "table (final, best accuracy, GiB to target).")
+    p = argparse.ArgumentParser(description=textwrap.fill(desc, 79),
+                                epilog="examples:\n" + __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directories (with metrics.jsonl), or parents of them such as an "
                         "--algo all output directory (expanded to their sub-runs)")

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import sys
+import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
@@ -165,22 +166,25 @@ def write_outputs(out: str, sweep: dict, title: str | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Run algorithms x Dirichlet alphas through experiments/run.py (in this process), "
-                    "each into OUT/alpha_<A>/<algo>/, skipping runs whose summary.json exists. Then "
-                    "write OUT/sweep.json, OUT/sweep.md and OUT/sweep.png: test accuracy at a fixed "
-                    "communication budget (the last round with cumulative GiB <= --at-gib) vs alpha, "
-                    "one line per algorithm. Unknown flags go to run.py unchanged, e.g. "
-                    "--dataset digits --rounds 20 --comm-budget-gib 0.1 (see run.py --help).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    desc = ("Run algorithms x Dirichlet alphas through experiments/run.py (in this process), each into "
+            "OUT/alpha_<A>/<algo>/, skipping runs whose summary.json exists. Then write OUT/sweep.json, "
+            "OUT/sweep.md and OUT/sweep.png: test accuracy at a fixed communication budget (the last "
+            "round with cumulative GiB <= --at-gib) vs alpha, one line per algorithm. Unknown flags go "
+            "to run.py unchanged, e.g. --dataset digits --rounds 20 --comm-budget-gib 0.1 "
+            "(see run.py --help).")
+    p = argparse.ArgumentParser(description=textwrap.fill(desc, 79),
+                                epilog="examples:\n" + __doc__.split("\n\n")[1], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="sweep directory (required unless --plot-only)")
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS, metavar="ALGO",
-                   help=f"algorithms, from {', '.join(ALGOS)}")
+                   help=f"algorithms (default: all five: {' '.join(ALGOS)})")
     p.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS), metavar="A",
-                   help="Dirichlet concentrations")
+                   help="Dirichlet concentrations, smaller = more heterogeneous "
+                        f"(default: {' '.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
     p.add_argument("--at-gib", type=float, default=None,
                    help="communication budget in GiB for the plot (default: the smallest final GiB "
-                        "over all runs, so every run has a value)")
+                        "over all runs, so no run is cut off by its own end; a run whose first round "
+                        "already costs more has no value there)")
     p.add_argument("--plot-only", metavar="OUT", default=None,
                    help="run nothing: re-read OUT/alpha_*/<algo>/ and rewrite sweep.json/md/png")
     p.add_argument("--title", default=None, help="plot title")
