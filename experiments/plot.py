@@ -205,7 +205,7 @@ def _colors(runs: list[Run]) -> list[str]:
 
 
 def plot_runs(runs: list[Run], out: str, target: float, title: str | None = None,
-              logx: bool = False) -> str:
+              logx: bool = False, ymin: float | None = None) -> str:
     """Draw the two-panel figure (accuracy vs GiB with target crossings; accuracy vs round) to ``out``.
 
     Args:
@@ -214,6 +214,7 @@ def plot_runs(runs: list[Run], out: str, target: float, title: str | None = None
       target: target accuracy for the dashed line and crossing markers.
       title: figure title (None: none).
       logx: log scale for the GiB axis.
+      ymin: lower accuracy limit (None: just below the lowest accuracy or the target).
     Returns:
       ``out``.
     """
@@ -225,6 +226,9 @@ def plot_runs(runs: list[Run], out: str, target: float, title: str | None = None
     colors = _colors(runs)
     fig, (ax_c, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     lo = min(min(series(r)[2]) for r in runs)
+    crossings = [gib_to_target(*series(r)[1:], target) for r in runs]
+    rank = {i: k for k, i in enumerate(sorted((i for i, g in enumerate(crossings) if g is not None),
+                                              key=lambda i: crossings[i]))}
     for i, (r, lab, col) in enumerate(zip(runs, labels, colors)):
         rounds, gibs, accs = series(r)
         ax_c.plot(gibs, accs, color=col, label=lab, lw=1.5)
@@ -232,14 +236,15 @@ def plot_runs(runs: list[Run], out: str, target: float, title: str | None = None
         g = gib_to_target(gibs, accs, target)
         if g is not None:
             ax_c.plot([g], [target], marker="o", color=col, ms=6, mec="black", mew=0.6, zorder=5)
-            ax_c.annotate(f"{g:.3g} GiB", xy=(g, target), xytext=(6, -12 - 11 * i),
-                          textcoords="offset points", fontsize=7.5, color=col,
+            ax_c.annotate(f"{g:.3g} GiB", xy=(g, target), xytext=(14, -16 - 15 * rank[i]),
+                          textcoords="offset points", fontsize=8, color=col,
+                          bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
                           arrowprops={"arrowstyle": "-", "color": col, "lw": 0.6})
     for ax in (ax_c, ax_r):
         ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:g}")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        ax.set_ylim(max(0.0, min(lo, target) - 0.05), 1.0 if max(lo, target) <= 1 else None)
+        ax.set_ylim(ymin if ymin is not None else max(0.0, min(lo, target) - 0.05), 1.0)
     ax_c.set_xlabel("cumulative communication (GiB)")
     if logx:
         ax_c.set_xscale("log")
@@ -274,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output PNG (default: <first RUN_DIR>/accuracy.png)")
     p.add_argument("--title", default=None, help="figure title")
     p.add_argument("--logx", action="store_true", help="log scale for the GiB axis")
+    p.add_argument("--ymin", type=float, default=None,
+                   help="lower limit of the accuracy axes (default: just below the lowest accuracy)")
     return p
 
 
@@ -288,7 +295,7 @@ def main(argv=None) -> int:
         return 2
     target = args.target if args.target is not None else default_target(runs)
     out = args.out or os.path.join(args.runs[0], "accuracy.png")
-    plot_runs(runs, out, target, args.title, args.logx)
+    plot_runs(runs, out, target, args.title, args.logx, args.ymin)
     print(format_table(runs, run_labels(runs), target))
     print(f"wrote {out}")
     return 0
