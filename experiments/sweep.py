@@ -84,7 +84,8 @@ def discover(out: str) -> list[tuple[float, str, str]]:
 
 def collect(found: list[tuple[float, str, str]], at_gib: float | None,
             target: float | None = None) -> dict:
-    """Per-run numbers and the accuracy at the budget ``at_gib`` (None: the smallest final GiB).
+    """Per-run numbers and the accuracy at the budget ``at_gib`` (None: the smallest final GiB of the
+    finished runs, those with summary.json; of all runs if none has finished).
 
     Returns:
       the sweep.json dict: at_gib, target_accuracy, algos, alphas, results (one dict per run).
@@ -92,8 +93,8 @@ def collect(found: list[tuple[float, str, str]], at_gib: float | None,
     runs = [(alpha, algo, plot.load_run(d)) for alpha, algo, d in found]
     if not runs:
         raise plot.PlotError("no runs with metrics.jsonl found")
-    finals = [plot.series(r)[1][-1] for _, _, r in runs]
-    budget = float(at_gib) if at_gib is not None else min(finals)
+    done = [r for _, _, r in runs if r.summary] or [r for _, _, r in runs]  # a run still going: ignored
+    budget = float(at_gib) if at_gib is not None else min(plot.series(r)[1][-1] for r in done)
     tgt = target if target is not None else plot.default_target([r for _, _, r in runs])
     results = []
     for alpha, algo, r in runs:
