@@ -114,7 +114,7 @@ def test_sweep_collect_and_plot_only(tmp_path):
     fake_run(sweep.alpha_dir(str(out), 10.0, "fsl_sage"), "fsl_sage", [0.6, 0.8], [0.1, 0.2], alpha=10.0)
     fake_run(sweep.alpha_dir(str(out), 1.0, "fed_avg"), "fed_avg", [0.4, 0.9], [0.25, 0.5])
     assert sweep.alpha_dir("o", 0.1, "x") == os.path.join("o", "alpha_0.1", "x")
-    fake_run(sweep.alpha_dir(str(out), 100.0, "fsl_sage"), "fsl_sage", [0.9], [0.1], alpha=100.0)
+    fake_run(sweep.alpha_dir(str(out), 100.0, "fsl_sage"), "fsl_sage", [0.9], [0.25], alpha=100.0)
     # a run still going (no summary.json) does not set the default budget
     fake_run(sweep.alpha_dir(str(out), 10.0, "fed_avg"), "fed_avg", [0.3], [0.05], alpha=10.0, summary=False)
     s = sweep.collect(sweep.discover(str(out)), None)
@@ -122,7 +122,7 @@ def test_sweep_collect_and_plot_only(tmp_path):
     assert s["algos"] == ["fed_avg", "fsl_sage"] and s["alphas"] == [1.0, 10.0, 100.0]
     got = {(r["algo"], r["alpha"]): r["accuracy_at_gib"] for r in s["results"]}
     assert got == {("fsl_sage", 1.0): 0.7, ("fsl_sage", 10.0): 0.8, ("fed_avg", 1.0): None,
-                   ("fed_avg", 10.0): 0.3, ("fsl_sage", 100.0): 0.9}
+                   ("fed_avg", 10.0): 0.3, ("fsl_sage", 100.0): None}
     assert {(r["algo"], r["alpha"]): r["stop_reason"] for r in s["results"]}[("fed_avg", 10.0)] == "incomplete"
     assert sweep.main(["--plot-only", str(out), "--at-gib", "0.3"]) == 0
     saved = json.loads((out / "sweep.json").read_text())
