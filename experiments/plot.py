@@ -1,0 +1,305 @@
+#!/usr/bin/env python
+"""Plot test accuracy against communication and against rounds for runs of experiments/run.py.
+
+    python experiments/plot.py runs/digits_all                      # an --algo all directory
+    python experiments/plot.py runs/a runs/b --target 0.81 --out fig.png
+
+Writes ONE PNG with two panels side by side: (left) test accuracy vs cumulative
+communication in GiB, with a dashed line at the target accuracy and, per run, a
+marker and label at the GiB where it first reaches the target (the FSL-SAGE
+paper's figure); (right) test accuracy vs round. Prints a table of final and
+best accuracy and GiB to the target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from typing import NamedTuple
+
+ALGOS = ("fed_avg", "sl_multi_server", "sl_single_server", "cse_fsl", "fsl_sage")
+ALGO_LABELS = {"fed_avg": "FedAvg", "sl_multi_server": "SplitFed-MS", "sl_single_server": "SplitFed-SS",
+               "cse_fsl": "CSE-FSL", "fsl_sage": "FSL-SAGE"}
+ALGO_COLORS = {"fed_avg": "tab:blue", "sl_multi_server": "tab:orange", "sl_single_server": "tab:green",
+               "cse_fsl": "tab:purple", "fsl_sage": "tab:red"}
+# config.json keys that never distinguish one experiment from another in a label
+_LABEL_IGNORE = {"algo", "out", "overwrite", "no_progress", "describe", "data_dir", "config", "strategy",
+                 "chunk_size", "step_loop", "jax_version", "backend", "client_sample_counts", "n_train",
+                 "n_test", "num_classes", "input_shape", "target_accuracy", "comm_budget_gib"}
+DEFAULT_TARGET = 0.9
+
+
+class Run(NamedTuple):
+    """One run directory: its config.json, per-round records and summary.json (empty dicts if absent)."""
+    path: str
+    algo: str
+    config: dict
+    records: list
+    summary: dict
+
+
+class PlotError(Exception):
+    """A problem with the inputs, reported as one line and exit status 2."""
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Read a metrics.jsonl file, skipping a truncated (undecodable) last line.
+
+    Args:
+      path: the metrics.jsonl file.
+    Returns:
+      the per-round records, in file order.
+    Raises:
+      PlotError: a line other than the last is not valid JSON.
+    """
+    with open(path) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    records = []
+    for i, ln in enumerate(lines):
+        try:
+            records.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a run killed while writing its last round
+                break
+            raise PlotError(f"{path}: line {i + 1} is not valid JSON") from None
+    return records
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def expand_run_dirs(paths: list[str]) -> list[str]:
+    """Run directories named by ``paths``: each is a run (has metrics.jsonl) or a parent of runs
+    (an ``--algo all`` or sweep directory; its sub-directories with metrics.jsonl, algorithms in the
+    usual order).
+
+    Raises:
+      PlotError: a path is not a directory or holds no metrics.jsonl at all.
+    """
+    out = []
+    for p in paths:
+        if not os.path.isdir(p):
+            raise PlotError(f"{p}: not a directory")
+        if os.path.isfile(os.path.join(p, "metrics.jsonl")):
+            out.append(p)
+            continue
+        subs = [os.path.join(p, d) for d in sorted(os.listdir(p))
+                if os.path.isfile(os.path.join(p, d, "metrics.jsonl"))]
+        if not subs:
+            raise PlotError(f"{p}: no metrics.jsonl in it or in its sub-directories")
+        order = {a: i for i, a in enumerate(ALGOS)}
+        out.extend(sorted(subs, key=lambda s: (order.get(os.path.basename(s), len(ALGOS)), s)))
+    return out
+
+
+def load_run(path: str) -> Run:
+    """Load one run directory (config.json and summary.json are optional, metrics.jsonl is not).
+
+    Raises:
+      PlotError: no metrics.jsonl, or no complete round in it.
+    """
+    mpath = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(mpath):
+        raise PlotError(f"{path}: no metrics.jsonl (not a run directory of experiments/run.py)")
+    records = read_metrics(mpath)
+    if not records:
+        raise PlotError(f"{mpath}: no complete round recorded")
+    config = _read_json(os.path.join(path, "config.json"))
+    summary = _read_json(os.path.join(path, "summary.json"))
+    algo = config.get("algo") or summary.get("algo") or os.path.basename(os.path.normpath(path))
+    return Run(path, algo, config, records, summary)
+
+
+def gib_to_target(gibs, accs, target: float) -> float | None:
+    """Cumulative GiB at the first round whose accuracy reaches ``target`` (None if none does).
+
+    Args:
+      gibs: cumulative communication per round, in GiB.
+      accs: test accuracy per round.
+      target: accuracy to reach (>=).
+    """
+    for g, a in zip(gibs, accs):
+        if a >= target:
+            return float(g)
+    return None
+
+
+def accuracy_at_gib(gibs, accs, budget: float) -> float | None:
+    """Accuracy of the last round whose cumulative GiB is <= ``budget`` (None if the first round
+    already exceeds it). Rounds are assumed in order with non-decreasing GiB.
+
+    Args:
+      gibs: cumulative communication per round, in GiB.
+      accs: test accuracy per round.
+      budget: communication budget in GiB.
+    """
+    best = None
+    for g, a in zip(gibs, accs):
+        if g > budget * (1 + 1e-12):
+            break
+        best = float(a)
+    return best
+
+
+def series(run: Run) -> tuple[list[int], list[float], list[float]]:
+    """(rounds, cumulative GiB, test accuracy) of a run."""
+    rounds = [int(r.get("round", i)) for i, r in enumerate(run.records)]
+    gibs = [float(r["comm_gib"]) if "comm_gib" in r else r["comm_bytes"] / 2 ** 30 for r in run.records]
+    accs = [float(r["test_accuracy"]) for r in run.records]
+    return rounds, gibs, accs
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """One label per run: the algorithm's name, plus ``key=value`` for every config.json entry that
+    differs between the runs (e.g. alpha), plus the directory name if labels still collide."""
+    keys = set().union(*(r.config.keys() for r in runs)) - _LABEL_IGNORE
+    differing = sorted(k for k in keys
+                       if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1)
+    labels = []
+    for r in runs:
+        extra = ", ".join(f"{k}={_fmt(r.config.get(k))}" for k in differing)
+        name = ALGO_LABELS.get(r.algo, r.algo)
+        labels.append(f"{name} ({extra})" if extra else name)
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} [{os.path.basename(os.path.normpath(r.path))}]" for lab, r in zip(labels, runs)]
+    return labels
+
+
+def default_target(runs: list[Run]) -> float:
+    """The target accuracy recorded by the runs (summary.json, else config.json), else 0.9."""
+    for r in runs:
+        t = r.summary.get("target_accuracy", r.config.get("target_accuracy"))
+        if t is not None:
+            return float(t)
+    return DEFAULT_TARGET
+
+
+def format_table(runs: list[Run], labels: list[str], target: float) -> str:
+    """Markdown table: run, final accuracy, best accuracy, total GiB, GiB to target, rounds."""
+    rows = [f"| run | final acc | best acc | total GiB | GiB to {target:g} | rounds |",
+            "|---|---|---|---|---|---|"]
+    for r, lab in zip(runs, labels):
+        _, gibs, accs = series(r)
+        g = gib_to_target(gibs, accs, target)
+        rows.append(f"| {lab} | {accs[-1]:.4f} | {max(accs):.4f} | {gibs[-1]:.4f} | "
+                    f"{'-' if g is None else f'{g:.4f}'} | {len(accs)} |")
+    return "\n".join(rows)
+
+
+def _colors(runs: list[Run]) -> list[str]:
+    algos = [r.algo for r in runs]
+    if len(set(algos)) == len(algos) and all(a in ALGO_COLORS for a in algos):
+        return [ALGO_COLORS[a] for a in algos]
+    return [f"C{i % 10}" for i in range(len(runs))]
+
+
+def plot_runs(runs: list[Run], out: str, target: float, title: str | None = None,
+              logx: bool = False, ymin: float | None = None) -> str:
+    """Draw the two-panel figure (accuracy vs GiB with target crossings; accuracy vs round) to ``out``.
+
+    Args:
+      runs: loaded runs.
+      out: PNG path (parent directories are created).
+      target: target accuracy for the dashed line and crossing markers.
+      title: figure title (None: none).
+      logx: log scale for the GiB axis.
+      ymin: lower accuracy limit (None: just below the lowest accuracy or the target).
+    Returns:
+      ``out``.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = run_labels(runs)
+    colors = _colors(runs)
+    fig, (ax_c, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    lo = min(min(series(r)[2]) for r in runs)
+    crossings = [gib_to_target(*series(r)[1:], target) for r in runs]
+    rank = {i: k for k, i in enumerate(sorted((i for i, g in enumerate(crossings) if g is not None),
+                                              key=lambda i: crossings[i]))}
+    for i, (r, lab, col) in enumerate(zip(runs, labels, colors)):
+        rounds, gibs, accs = series(r)
+        ax_c.plot(gibs, accs, color=col, label=lab, lw=1.5)
+        ax_r.plot(rounds, accs, color=col, label=lab, lw=1.5)
+        g = gib_to_target(gibs, accs, target)
+        if g is not None:
+            ax_c.plot([g], [target], marker="o", color=col, ms=6, mec="black", mew=0.6, zorder=5)
+            ax_c.annotate(f"{g:.3g} GiB", xy=(g, target), xytext=(14, -16 - 15 * rank[i]),
+                          textcoords="offset points", fontsize=8, color=col,
+                          bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                          arrowprops={"arrowstyle": "-", "color": col, "lw": 0.6})
+    for ax in (ax_c, ax_r):
+        ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:g}")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(ymin if ymin is not None else max(0.0, min(lo, target) - 0.05), 1.0)
+    ax_c.set_xlabel("cumulative communication (GiB)")
+    if logx:
+        ax_c.set_xscale("log")
+    ax_r.set_xlabel("round")
+    ax_c.set_title("accuracy vs communication", fontsize=10)
+    ax_r.set_title("accuracy vs round", fontsize=10)
+    ax_r.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    desc = ("Plot runs of experiments/run.py. Writes ONE PNG with two panels: test accuracy vs "
+            "cumulative communication (GiB), with a dashed line at the target accuracy and a marker + "
+            "label at the GiB where each run first reaches it; and test accuracy vs round. Prints a "
+            "table (final, best accuracy, GiB to target).")
+    p = argparse.ArgumentParser(description=textwrap.fill(desc, 79),
+                                epilog="examples:\n" + __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (with metrics.jsonl), or parents of them such as an "
+                        "--algo all output directory (expanded to their sub-runs)")
+    p.add_argument("--target", type=float, default=None,
+                   help="target accuracy (default: the runs' --target-accuracy from summary.json, "
+                        f"else {DEFAULT_TARGET})")
+    p.add_argument("--out", default=None,
+                   help="output PNG (default: <first RUN_DIR>/accuracy.png)")
+    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--logx", action="store_true", help="log scale for the GiB axis")
+    p.add_argument("--ymin", type=float, default=None,
+                   help="lower limit of the accuracy axes (default: just below the lowest accuracy)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.target is not None and not 0 <= args.target <= 1:
+            raise PlotError(f"--target {args.target}: must be in [0, 1]")
+        runs = [load_run(d) for d in expand_run_dirs(args.runs)]
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target = args.target if args.target is not None else default_target(runs)
+    out = args.out or os.path.join(args.runs[0], "accuracy.png")
+    plot_runs(runs, out, target, args.title, args.logx, args.ymin)
+    print(format_table(runs, run_labels(runs), target))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
