@@ -30,7 +30,7 @@ FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.c
 TFDS_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 _HOW = ("E2E NLG: put the original CSV release (trainset.csv, devset.csv, testset_w_refs.csv with "
         "columns mr,ref) in --data-dir, or use tensorflow-datasets 'gem/e2e_nlg' (needs "
-        "`pip install tensorflow-datasets` and the network or a prepared copy)")
+        "`pip install tensorflow-datasets tensorflow` and the network or a prepared copy)")
 
 
 class E2EData(NamedTuple):
@@ -116,15 +116,20 @@ def _network_available(host: str = "storage.googleapis.com", timeout: float = 3.
 def read_e2e_tfds(split: str, data_dir: str | None = None) -> list[tuple[str, str]]:
     """Rows ``(mr, target)`` of tensorflow-datasets ``gem/e2e_nlg`` (``split``: train, dev, test).
 
-    Fails fast (about 3 s) with a one-line error when the package is missing, or the
-    dataset is not prepared in ``data_dir`` and storage.googleapis.com is unreachable
+    Fails fast (about 3 s) with a one-line error when the package (or TensorFlow, which
+    the GEM builder imports) is missing, or the dataset is not prepared in ``data_dir`` and storage.googleapis.com is unreachable
     (instead of tfds's long download retry loop).
     """
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise FileNotFoundError(f"tensorflow-datasets is not installed. {_HOW}") from e
-    builder = tfds.builder("gem/e2e_nlg", data_dir=data_dir)
+    try:
+        builder = tfds.builder("gem/e2e_nlg", data_dir=data_dir)
+    except (ImportError, ValueError) as e:  # e.g. the gem builder needs TensorFlow (DatasetNotFoundError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(f"tensorflow-datasets cannot build gem/e2e_nlg ({type(e).__name__}: "
+                                f"{first}). {_HOW}") from None
     prepared = os.path.exists(os.path.join(str(builder.data_dir), "dataset_info.json"))
     if not prepared:
         if not _network_available():
