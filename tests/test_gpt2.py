@@ -33,15 +33,21 @@ from fslsage_jax.split import Vars, apply_part, describe, init_split
 # Small enough to compile in about a second: 3 blocks, width 16, 2 heads, vocabulary 23.
 CFG = GPT2Config(vocab_size=23, n_positions=12, n_embd=16, n_layer=3, n_head=2, n_aux_blocks=1)
 T = 7
+SPLIT = make_gpt2(CFG, T)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = [os.path.join(ROOT, "..", "shared", "data"), "/work/shared/data"]
 VOCAB = next((os.path.join(p, "gpt2-vocab") for p in SHARED
               if os.path.exists(os.path.join(p, "gpt2-vocab", "vocab.json"))), None)
 
 
+@functools.cache
+def _init_split_compiled(split):
+    return jax.jit(functools.partial(init_split, split))
+
+
 def init_split_jit(split, key):
-    """init_split compiled once (eager initialisation dispatches hundreds of small ops)."""
-    return jax.jit(functools.partial(init_split, split))(key)
+    """init_split compiled once per split (eager initialisation dispatches hundreds of small ops)."""
+    return _init_split_compiled(split)(key)
 
 
 def ids(seed=0, b=2, t=T, v=CFG.vocab_size):
@@ -57,9 +63,13 @@ def randomise_lora(params, key):
     return jax.tree_util.tree_unflatten(tree, new)
 
 
+@functools.cache
+def _full_init(lora):
+    return jax.jit(lambda k: GPT2Full(CFG, lora=lora).init({"params": k}, ids(), train=False))
+
+
 def full_vars(key=0, lora=True):
-    init = jax.jit(lambda k: GPT2Full(CFG, lora=lora).init({"params": k}, ids(), train=False))
-    v = init(jax.random.key(key))
+    v = _full_init(lora)(jax.random.key(key))
     return {"params": v.get("params", {}), "frozen": v["frozen"]}
 
 
@@ -68,7 +78,7 @@ def test_split_logits_equal_unsplit_model():
     v["params"] = randomise_lora(v["params"], jax.random.key(1))
     x = ids(2)
     ref = GPT2Full(CFG).apply(v, x, train=False)
-    split = make_gpt2(CFG, T)
+    split = SPLIT
     cv = Vars(v["params"]["client"], {}, v["frozen"]["client"])
     sv = Vars(v["params"]["server"], {}, v["frozen"]["server"])
     z, _ = apply_part(split.client, cv, x, train=False)
@@ -95,6 +105,8 @@ def test_lora_dropout_only_in_train_mode():
     np.testing.assert_allclose(m.apply(v, x, train=False, rngs={"dropout": jax.random.key(0)}), ev)
     tr = m.apply(v, x, train=True, rngs={"dropout": jax.random.key(0)})
     assert np.abs(tr - ev).max() > 1e-4
+    # train mode without a dropout rng (the engine's gradient-only passes): no dropout
+    np.testing.assert_allclose(m.apply(v, x, train=True), ev, atol=1e-6)
     # with B = 0 the LoRA path (the only dropout) contributes nothing, even in train mode
     v0 = full_vars()
     np.testing.assert_allclose(m.apply(v0, x, train=True, rngs={"dropout": jax.random.key(0)}),
@@ -102,7 +114,7 @@ def test_lora_dropout_only_in_train_mode():
 
 
 def test_init_split_trainable_is_lora_only_and_embedding_tied():
-    split = make_gpt2(CFG, T)
+    split = SPLIT
     c, s, a = init_split_jit(split, jax.random.key(0))
     names = lambda t: {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
     assert names(c.params) == names(s.params) == {"lora_q_a", "lora_q_b", "lora_v_a", "lora_v_b"}
@@ -208,7 +220,7 @@ def test_weight_loading_round_trip(tmp_path):
     assert w.server["wte"] is w.client["wte"] and w.aux["wte"] is w.client["wte"]
     np.testing.assert_array_equal(w.client["wte"], t["wte.weight"])
     # logits of the split model (LoRA B = 0) equal an independent numpy GPT-2
-    split = make_gpt2(CFG, T)
+    split = SPLIT
     c, s, _ = init_split_jit(split, jax.random.key(0))
     x = np.asarray(ids(7))
     z, _ = apply_part(split.client, c.with_frozen(w.client), x, train=False)
@@ -274,7 +286,7 @@ def test_greedy_generate_equals_step_by_step_argmax():
     # weights from HF-keyed tensors, so the independent numpy GPT-2 is the reference
     t = hf_tensors(CFG, seed=2)
     w = frozen_from_state_dict(t, CFG)
-    split = make_gpt2(CFG, T)
+    split = SPLIT
     c, s, _ = init_split_jit(split, jax.random.key(0))
     c, s = c.with_frozen(w.client), s.with_frozen(w.server)
     prompts = np.asarray(ids(8, b=3, t=4))
