@@ -269,6 +269,10 @@ def test_label_smoothed_loss_by_hand():
     tok = [0.9 * n + 0.1 * s for n, s in zip(nll, smooth)]
     np.testing.assert_allclose(lm_loss(logits, y, 0.1), [sum(tok) / 2], rtol=1e-6)
     np.testing.assert_allclose(lm_eval_loss(logits, y), [sum(nll) / 2], rtol=1e-6)
+    # the split model's training loss smooths by 0.1, its eval loss does not
+    np.testing.assert_allclose(SPLIT.loss(logits, y), [sum(tok) / 2], rtol=1e-6)
+    np.testing.assert_allclose(SPLIT.eval_loss(logits, y), [sum(nll) / 2], rtol=1e-6)
+    assert SPLIT == make_gpt2(CFG, T) and hash(SPLIT) == hash(make_gpt2(CFG, T))
     s, n = lm_loss_sums(logits, y)
     np.testing.assert_allclose(s, [sum(nll)], rtol=1e-6)
     np.testing.assert_array_equal(n, [2.0])

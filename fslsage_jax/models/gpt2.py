@@ -275,6 +275,15 @@ def lm_correct(logits: jax.Array, y: jax.Array) -> jax.Array:
     return hit / jnp.maximum(m.sum(-1), 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class SmoothedLMLoss:
+    """:func:`lm_loss` with a fixed label smoothing, as a value (equal splits hash equal)."""
+    smoothing: float = 0.1
+
+    def __call__(self, logits: jax.Array, y: jax.Array) -> jax.Array:
+        return lm_loss(logits, y, self.smoothing)
+
+
 def make_gpt2(config: GPT2Config = GPT2_MEDIUM, seq_len: int = 512,
               label_smoothing: float = 0.1) -> SplitModel:
     """The ``gpt2`` split model for token sequences of length ``seq_len``.
@@ -290,8 +299,8 @@ def make_gpt2(config: GPT2Config = GPT2_MEDIUM, seq_len: int = 512,
     if not 0 < seq_len <= config.n_positions:
         raise ValueError(f"seq_len must be in 1..{config.n_positions}, got {seq_len}")
     client, server, aux = make_parts(config)
-    loss = lambda logits, y: lm_loss(logits, y, label_smoothing)
-    return SplitModel("gpt2", client, server, aux, (seq_len,), config.vocab_size, loss=loss,
+    return SplitModel("gpt2", client, server, aux, (seq_len,), config.vocab_size,
+                      loss=SmoothedLMLoss(label_smoothing),
                       correct=lm_correct, label_shape=(seq_len,), eval_loss=lm_eval_loss,
                       input_dtype=jnp.int32)
 
@@ -318,6 +327,7 @@ __all__ = [
     "GPT2Config",
     "GPT2Full",
     "GPT2Head",
+    "SmoothedLMLoss",
     "config_from_hf",
     "lm_correct",
     "lm_eval_loss",
