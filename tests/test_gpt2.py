@@ -121,15 +121,15 @@ def test_init_split_trainable_is_lora_only_and_embedding_tied():
     assert set(c.params) == {"h_0"} and set(s.params) == {"h_1", "h_2"}
     np.testing.assert_array_equal(c.frozen["wte"], s.frozen["wte"])
     np.testing.assert_array_equal(c.frozen["wte"], a.frozen["wte"])
-    # aux_mode="full" (the authors' code): trainable random blocks without LoRA, only wte frozen
-    assert set(a.frozen) == {"wte"} and "c_attn_kernel" in a.params["h_1"]
-    assert "lora_q_a" not in a.params["h_1"]
-    c, s, a = tie_embeddings(c, s, a)
-    assert s.frozen["wte"] is c.frozen["wte"] and a.frozen["wte"] is c.frozen["wte"]
-    # aux_mode="lora": frozen aux blocks with LoRA
-    _, _, a = init_split_jit(make_gpt2(GPT2Config(**{**CFG.__dict__, "aux_mode": "lora"}), T), jax.random.key(0))
+    # aux_mode="lora" (default, SPEC): frozen aux blocks with LoRA
     assert names(a.params) == {"lora_q_a", "lora_q_b", "lora_v_a", "lora_v_b"}
     assert "c_attn_kernel" in a.frozen["h_1"]
+    c, s, a = tie_embeddings(c, s, a)
+    assert s.frozen["wte"] is c.frozen["wte"] and a.frozen["wte"] is c.frozen["wte"]
+    # aux_mode="full" (the authors' code): trainable random blocks without LoRA, only wte frozen
+    _, _, a = init_split_jit(make_gpt2(GPT2Config(**{**CFG.__dict__, "aux_mode": "full"}), T), jax.random.key(0))
+    assert set(a.frozen) == {"wte"} and "c_attn_kernel" in a.params["h_1"]
+    assert "lora_q_a" not in a.params["h_1"]
 
 
 def test_describe_gpt2_medium_shapes_only():

@@ -22,12 +22,13 @@ Variables: the pretrained (frozen) weights are declared in the flax collection
   ``[B, T]`` int32 -> hidden state ``[B, T, D]``;
 - server: the remaining blocks, ``ln_f`` and the tied head -> logits ``[B, T, V]``
   (its frozen collection holds its own reference ``wte`` for the head);
-- aux: ``n_aux_blocks`` blocks, ``ln_f``, tied head. ``aux_mode="full"`` (default)
+- aux: ``n_aux_blocks`` blocks, ``ln_f``, tied head. ``aux_mode="full"``
   follows the FSL-SAGE code (``models/aux_models/gpt2.py``): the auxiliary blocks
   are randomly initialised (normal 0.02, layer norms 1/0, biases 0), have no LoRA
   and are fully trainable (the authors' ``mark_only_lora_as_trainable`` is applied
   to the client and server only); only the tied ``wte`` is frozen.
-  ``aux_mode="lora"``: the auxiliary blocks are frozen like the others, with
+  ``aux_mode="lora"`` (default, as SPEC: only LoRA parameters are trained and
+  travel): the auxiliary blocks are frozen like the others, with
   trainable LoRA on q/v (so only LoRA travels, as SPEC's communication note says);
   :func:`fslsage_jax.models.gpt2_weights.load_gpt2_weights` then fills them with
   copies of the pretrained blocks that follow the cut.
@@ -65,7 +66,7 @@ class GPT2Config:
     lora_rank: int = 4
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    aux_mode: str = "full"
+    aux_mode: str = "lora"
     initializer_range: float = 0.02
     wte_seed: int = 0
 
