@@ -75,6 +75,9 @@ class SplitModel:
         inputs before the client model (augmentation, normalisation); None: none.
       eval_loss: per-sample evaluation loss (None: ``loss``), e.g. without label smoothing.
       input_dtype: dtype of the raw inputs (float32 images, int32 tokens).
+      eval_weight: ``labels -> [B]`` weight of each sample in evaluation averages
+        (None: 1), e.g. its number of counted tokens, so that a language model's
+        test loss is the token-weighted mean (log perplexity).
     """
     name: str
     client: nn.Module
@@ -89,6 +92,7 @@ class SplitModel:
     input_fn: Callable | None = None
     eval_loss: Callable | None = None
     input_dtype: Any = jnp.float32
+    eval_weight: Callable | None = None
 
 
 def init_part(module: nn.Module, key: jax.Array, x: jax.Array) -> Vars:

@@ -164,8 +164,10 @@ def global_vars(state: State, client: Vars, server: Vars) -> tuple[Vars, Vars]:
 def make_evaluate(split: SplitModel, batch_size: int = 1000) -> Callable:
     """``evaluate(client Vars, server Vars, x, y) -> (mean loss, accuracy)`` over a whole set.
 
-    Batches of ``batch_size`` go through one compiled eval step each; sums stay
-    on the device and are pulled once.
+    Means are over samples, weighted by ``split.eval_weight`` when set (tokens
+    for a language model: the loss is then the log perplexity). Batches of
+    ``batch_size`` go through one compiled eval step each; sums stay on the
+    device and are pulled once.
     """
     loss = split.eval_loss or split.loss
 
@@ -173,11 +175,13 @@ def make_evaluate(split: SplitModel, batch_size: int = 1000) -> Callable:
     def sums(cv, sv, x, y, w):
         z, _ = apply_part(split.client, cv, prepare_input(split, x, None, False), False)
         logits, _ = apply_part(split.server, sv, z, False)
-        return jnp.sum(loss(logits, y) * w), jnp.sum(split.correct(logits, y) * w)
+        if split.eval_weight is not None:
+            w = w * split.eval_weight(y)
+        return jnp.sum(loss(logits, y) * w), jnp.sum(split.correct(logits, y) * w), jnp.sum(w)
 
     def evaluate(cv, sv, x, y):
         n = x.shape[0]
-        tot_loss, tot_correct = 0.0, 0.0
+        tot_loss, tot_correct, tot_w = 0.0, 0.0, 0.0
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
             w = jnp.ones(xb.shape[0], jnp.float32)
@@ -186,10 +190,11 @@ def make_evaluate(split: SplitModel, batch_size: int = 1000) -> Callable:
                 xb = jnp.concatenate([xb, jnp.zeros((pad, *xb.shape[1:]), xb.dtype)])
                 yb = jnp.concatenate([yb, jnp.zeros((pad, *yb.shape[1:]), yb.dtype)])
                 w = jnp.concatenate([w, jnp.zeros(pad, jnp.float32)])
-            l, c = sums(cv, sv, xb, yb, w)
-            tot_loss, tot_correct = tot_loss + l, tot_correct + c
-        tot_loss, tot_correct = jax.device_get((tot_loss, tot_correct))
-        return float(tot_loss) / n, float(tot_correct) / n
+            l, c, sw = sums(cv, sv, xb, yb, w)
+            tot_loss, tot_correct, tot_w = tot_loss + l, tot_correct + c, tot_w + sw
+        tot_loss, tot_correct, tot_w = jax.device_get((tot_loss, tot_correct, tot_w))
+        tot_w = max(float(tot_w), 1e-30)
+        return float(tot_loss) / tot_w, float(tot_correct) / tot_w
     return evaluate
 
 

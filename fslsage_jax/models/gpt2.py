@@ -269,6 +269,11 @@ def lm_eval_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
     return lm_loss(logits, y, smoothing=0.0)
 
 
+def lm_token_count(y: jax.Array) -> jax.Array:
+    """Per-sample number of counted target tokens ``[B]`` (float32)."""
+    return (y >= 0).sum(-1).astype(jnp.float32)
+
+
 def lm_correct(logits: jax.Array, y: jax.Array) -> jax.Array:
     """Per-sample fraction of counted tokens whose arg-max equals the target ``[B]``."""
     m = y >= 0
@@ -303,7 +308,7 @@ def make_gpt2(config: GPT2Config = GPT2_MEDIUM, seq_len: int = 512,
     return SplitModel("gpt2", client, server, aux, (seq_len,), config.vocab_size,
                       loss=SmoothedLMLoss(label_smoothing),
                       correct=lm_correct, label_shape=(seq_len,), eval_loss=lm_eval_loss,
-                      input_dtype=jnp.int32)
+                      input_dtype=jnp.int32, eval_weight=lm_token_count)
 
 
 def tie_embeddings(client, server, aux):
