@@ -1,0 +1,173 @@
+"""Never lose a run: checkpoints, exact resume, divergence and interrupts.
+
+In-process tests use the toy split model (every algorithm, seconds); the
+subprocess tests run the real CLI on digits and kill it with SIGKILL / SIGTERM,
+then resume and compare ``metrics.jsonl`` with an uninterrupted run (identical
+except the time fields).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fslsage_jax import checkpoint
+from fslsage_jax.algorithms import ALGORITHMS
+from fslsage_jax.algorithms.common import Config
+from fslsage_jax.simulate import read_metrics, run_simulation, tree_all_finite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMES = ("round_time_s", "eval_time_s")
+TEST_X, TEST_Y = np.linspace(-1, 1, 20, dtype=np.float32).reshape(5, 4), np.array([0, 1, 2, 1, 0], np.int32)
+
+
+def _data(m=3, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, n, 4)).astype(np.float32)
+    y = (x[..., 0] > 0).astype(np.int32) + (x[..., 1] > 0.5)
+    counts = np.array([n, n - 1, n - 2][:m], np.int32)
+    return types.SimpleNamespace(x=x, y=y.astype(np.int32), counts=counts)
+
+
+def _cfg(**kw):
+    base = dict(num_clients=3, batch_size=2, server_update_interval=2, align_interval=2,
+                align_epochs=2, align_batch_size=4, align_buffer_size=6)
+    return Config(**{**base, **kw})
+
+
+def _lines(path):
+    return [json.loads(l) for l in open(path).read().splitlines()]
+
+
+def _strip(recs):
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in recs]
+
+
+def _sim(toy, algo, out, **kw):
+    kw = {"rounds": 5, "seed": 3, "progress": False, "checkpoint_every": 2, **kw}
+    return run_simulation(algo, toy, kw.pop("cfg", _cfg()), _data(), TEST_X, TEST_Y, out_dir=str(out), **kw)
+
+
+class StopAfter:
+    """``stop_requested`` that turns true once ``n`` rounds ran in this process."""
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_interrupt_then_resume_equals_uninterrupted(toy, tmp_path, algo):
+    ref = _sim(toy, algo, tmp_path / "ref")
+    ref_recs = _lines(tmp_path / "ref" / "metrics.jsonl")
+    out = tmp_path / "run"
+    s1 = _sim(toy, algo, out, stop_requested=StopAfter(3))        # stops after round index 2
+    assert s1["stop_reason"] == "interrupted" and s1["rounds_run"] == 3
+    assert [c.rounds for c in checkpoint.list_checkpoints(str(out))] == [2, 3]
+    s2 = _sim(toy, algo, out, resume=True)
+    assert s2["stop_reason"] == "rounds"
+    assert _strip(_lines(out / "metrics.jsonl")) == _strip(ref_recs)
+    drop = ("wall_time_s", "first_round_time_s", "mean_round_time_s")
+    assert {k: v for k, v in s2.items() if k not in drop} == {k: v for k, v in ref.items() if k not in drop}
+    assert json.loads((out / "summary.json").read_text())["rounds_run"] == 5
+
+
+def test_lost_rounds_after_checkpoint_are_redone_once(toy, tmp_path):
+    _sim(toy, "fsl_sage", tmp_path / "ref")
+    ref = _lines(tmp_path / "ref" / "metrics.jsonl")
+    out = tmp_path / "run"
+    _sim(toy, "fsl_sage", out, rounds=5)
+    # pretend the process died after round 3 with its newest checkpoint at round 2:
+    # drop the later checkpoints, and leave a half-written line at the end of the file
+    for c in checkpoint.list_checkpoints(str(out))[1:]:
+        shutil.rmtree(c.path)
+    assert checkpoint.latest(str(out)).rounds == 2
+    text = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(text[:4]) + text[4][:10])
+    os.makedirs(out / "checkpoints" / ".tmp-round_000004" / "state")    # a save cut short
+    _sim(toy, "fsl_sage", out, resume=True)
+    assert _strip(_lines(out / "metrics.jsonl")) == _strip(ref)
+    assert not (out / "checkpoints" / ".tmp-round_000004").exists()
+
+
+def test_rounds_can_be_raised_on_resume(toy, tmp_path):
+    ref = _sim(toy, "cse_fsl", tmp_path / "ref", rounds=5)
+    out = tmp_path / "run"
+    assert _sim(toy, "cse_fsl", out, rounds=3)["rounds_run"] == 3
+    assert checkpoint.latest(str(out)).rounds == 3                  # always saved at the end
+    s = _sim(toy, "cse_fsl", out, rounds=5, resume=True)
+    assert s["final_test_loss"] == ref["final_test_loss"] and s["total_bytes"] == ref["total_bytes"]
+
+
+def test_checkpoints_are_pruned_and_skip_frozen(toy, tmp_path):
+    _sim(toy, "sl_multi_server", tmp_path, rounds=7, checkpoint_every=1, keep_checkpoints=2)
+    assert [c.rounds for c in checkpoint.list_checkpoints(str(tmp_path))] == [6, 7]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["round_000006", "round_000007"]
+    meta = checkpoint.latest(str(tmp_path)).meta
+    assert meta["rounds"] == 7 and meta["algo"] == "sl_multi_server"
+    assert sum(meta["ledger"].values()) > 0
+
+
+def test_frozen_weights_are_not_saved_and_come_from_the_template(tmp_path):
+    from typing import NamedTuple
+
+    class S(NamedTuple):
+        round: jax.Array
+        params: jax.Array
+        frozen: object = None
+
+    s = S(jnp.int32(4), jnp.arange(3.0), {"w": jnp.ones((1000,))})
+    c = checkpoint.save(str(tmp_path), s, 4, {"ledger": {}})
+    assert c.meta["num_leaves"] == 2                                  # frozen left out
+    template = S(jnp.int32(0), jnp.zeros(3), {"w": jnp.full((1000,), 2.0)})
+    r = checkpoint.restore(checkpoint.latest(str(tmp_path)), template)
+    assert int(r.round) == 4 and r.params.tolist() == [0.0, 1.0, 2.0]
+    assert r.frozen is template.frozen
+    with pytest.raises(ValueError, match="does not match"):
+        checkpoint.restore(c, S(jnp.int32(0), jnp.zeros(4)))
+
+
+def test_read_metrics_refuses_missing_rounds(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"round": 0}\n{"round": 1}\n')
+    assert read_metrics(str(p), 2) == [{"round": 0}, {"round": 1}]
+    with pytest.raises(ValueError, match="2 complete rounds"):
+        read_metrics(str(p), 3)
+
+
+def test_tree_all_finite_checks_every_float_leaf():
+    t = {"a": jnp.ones(3), "b": (jnp.int32(1), jnp.array([1.0, 2.0]))}
+    assert bool(tree_all_finite(t))
+    assert not bool(tree_all_finite({**t, "b": (jnp.int32(1), jnp.array([1.0, jnp.inf]))}))
+    assert not bool(tree_all_finite({**t, "a": jnp.array([jnp.nan, 0, 0])}))
+
+
+def test_divergence_stops_keeps_rounds_and_last_good_checkpoint(toy, tmp_path):
+    s = _sim(toy, "fed_avg", tmp_path, cfg=_cfg(lr=1e30), rounds=6, checkpoint_every=1)
+    assert s["stop_reason"] == "diverged" and s["diverged_round"] is not None
+    recs = _lines(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in recs] == list(range(s["diverged_round"] + 1))
+    c = checkpoint.latest(str(tmp_path))
+    assert (c.rounds if c else 0) == s["diverged_round"]              # the diverged state is not saved
+
+
+@pytest.mark.parametrize("strategy", ["map", "unroll"])
+def test_same_result_across_strategies(toy, tmp_path, strategy):
+    a = _sim(toy, "fsl_sage", tmp_path / "vmap", rounds=3)
+    b = _sim(toy, "fsl_sage", tmp_path / strategy, rounds=3, cfg=_cfg(strategy=strategy))
+    ra, rb = _lines(tmp_path / "vmap" / "metrics.jsonl"), _lines(tmp_path / strategy / "metrics.jsonl")
+    for x, y in zip(ra, rb):
+        assert x["comm"] == y["comm"]
+        for k in ("test_loss", "train_loss", "grad_cosine"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5), (k, x["round"])
+    assert a["total_bytes"] == b["total_bytes"]
