@@ -19,6 +19,7 @@ truncates ``metrics.jsonl`` to its rounds and continues; round keys are
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -62,6 +63,21 @@ def tree_all_finite(tree: Any) -> jax.Array:
     oks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
            if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_cached(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
+    return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
+
+
+def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
+    """``(Algorithm, evaluate)`` for one setting, built once per process (when the split
+    model is hashable) so that repeated runs (a resume, a sweep, tests) reuse the compiled
+    functions instead of compiling them again."""
+    try:
+        return _build_cached(algo_name, split, cfg, n_max)
+    except TypeError:           # an unhashable split model: build afresh
+        return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
 
 
 def read_metrics(path: str, rounds: int) -> list[dict]:
@@ -134,8 +150,7 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
     t_start = time.time()
     say = log or (lambda msg: None)
     n_max = client_data.x.shape[1]
-    algo = ALGORITHMS[algo_name](split, cfg, n_max)
-    evaluate = make_evaluate(split)
+    algo, evaluate = build(algo_name, split, cfg, n_max)
     sizes = sizes_of(split)
     data = ClientArrays(jnp.asarray(client_data.x), jnp.asarray(client_data.y),
                         jnp.asarray(client_data.counts, jnp.int32))

@@ -163,12 +163,16 @@ def test_tree_all_finite_checks_every_float_leaf():
 
 
 def test_divergence_stops_keeps_rounds_and_last_good_checkpoint(toy, tmp_path):
-    s = _sim(toy, "fed_avg", tmp_path, cfg=_cfg(lr=1e30), rounds=6, checkpoint_every=1)
-    assert s["stop_reason"] == "diverged" and s["diverged_round"] is not None
+    _sim(toy, "fed_avg", tmp_path, rounds=2)                          # two good rounds, checkpointed
+    good = _lines(tmp_path / "metrics.jsonl")
+    # continue the same state with a learning rate that overflows at once
+    s = _sim(toy, "fed_avg", tmp_path, cfg=_cfg(lr=1e30), rounds=6, checkpoint_every=1, resume=True)
+    assert s["stop_reason"] == "diverged" and s["diverged_round"] == 2 and s["rounds_run"] == 3
     recs = _lines(tmp_path / "metrics.jsonl")
-    assert [r["round"] for r in recs] == list(range(s["diverged_round"] + 1))
-    c = checkpoint.latest(str(tmp_path))
-    assert (c.rounds if c else 0) == s["diverged_round"]              # the diverged state is not saved
+    assert recs[:2] == good and recs[2]["round"] == 2
+    assert recs[2]["train_loss"] is None or recs[2]["test_loss"] is None   # non-finite -> null
+    assert [c.rounds for c in checkpoint.list_checkpoints(str(tmp_path))] == [2]   # not saved
+    assert json.loads((tmp_path / "summary.json").read_text())["stop_reason"] == "diverged"
 
 
 def test_same_result_across_strategies(toy, tmp_path, tmp_path_factory):
@@ -180,3 +184,97 @@ def test_same_result_across_strategies(toy, tmp_path, tmp_path_factory):
         assert x["comm"] == y["comm"]
         for k in ("test_loss", "train_loss", "grad_cosine", "test_accuracy"):
             assert x[k] == pytest.approx(y[k], rel=1e-5), (k, x["round"])
+
+
+# ----------------------------------------------------------------------------- the CLI, killed
+CLI = ["--num-clients", "4", "--batch-size", "128", "--rounds", "4", "--align-epochs", "1",
+       "--align-interval", "2", "--align-batch-size", "100", "--align-buffer-size", "100",
+       "--checkpoint-every", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment: this tree first, a persistent XLA cache shared by the runs."""
+    cache = tmp_path_factory.mktemp("xla-cache")
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _start(args, env, **kw):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "run.py"), *args],
+                            env={**env, **kw}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _count_lines(path):
+    with open(path) as f:
+        return f.read().count("\n")
+
+
+def _wait_for_lines(path, n, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(path) and _count_lines(path) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} rounds in {path} after {timeout} s")
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, env):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert _finish(_start(["--algo", "fsl_sage", *CLI, "--out", str(ref_dir)], env))[0] == 0
+    p = _start(["--algo", "fsl_sage", *CLI, "--out", str(run_dir)], env)
+    _wait_for_lines(run_dir / "metrics.jsonl", 1, p)
+    p.send_signal(signal.SIGTERM)
+    code, _, err = _finish(p)
+    assert code == 143, err
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["stop_reason"] == "interrupted" and 1 <= s["rounds_run"] < 4
+    assert checkpoint.latest(str(run_dir)).rounds == s["rounds_run"]
+    assert "--resume" in err.strip().splitlines()[-1]
+    # resume, and die by SIGKILL in the middle of writing the round-4 checkpoint
+    p = _start(["--resume", str(run_dir)], env, FSLSAGE_TEST_KILL_IN_SAVE="4")
+    code, _, err = _finish(p)
+    assert code == -signal.SIGKILL, err
+    assert checkpoint.latest(str(run_dir)).rounds == s["rounds_run"]        # the old one stays valid
+    assert (run_dir / "checkpoints" / ".tmp-round_000004").is_dir()
+    assert len(_lines(run_dir / "metrics.jsonl")) == 4
+    code, _, err = _finish(_start(["--resume", str(run_dir)], env))
+    assert code == 0, err
+    assert _strip(_lines(run_dir / "metrics.jsonl")) == _strip(_lines(ref_dir / "metrics.jsonl"))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
+    assert {k: v for k, v in a.items() if k not in DROP} == {k: v for k, v in b.items() if k not in DROP}
+
+
+def test_cli_sigkill_after_a_round_then_resume_is_identical(tmp_path, env):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert _finish(_start(["--algo", "sl_single_server", *CLI, "--out", str(ref_dir)], env))[0] == 0
+    p = _start(["--algo", "sl_single_server", *CLI, "--out", str(run_dir)], env)
+    t0 = time.time()
+    while checkpoint.latest(str(run_dir)) is None:                    # the round-2 checkpoint
+        assert p.poll() is None and time.time() - t0 < 300, p.communicate()
+        time.sleep(0.05)
+    p.kill()
+    p.communicate()
+    assert checkpoint.latest(str(run_dir)).rounds == 2 and p.returncode == -signal.SIGKILL
+    code, _, err = _finish(_start(["--resume", str(run_dir)], env))
+    assert code == 0, err
+    assert _strip(_lines(run_dir / "metrics.jsonl")) == _strip(_lines(ref_dir / "metrics.jsonl"))
+
+
+def test_cli_divergence_exits_3_with_one_line(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import run
+    code = run.main(["--algo", "fed_avg", *CLI, "--rounds", "2", "--lr", "1e30", "--out", str(tmp_path)])
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fed_avg diverged at round 0" in err[0]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["stop_reason"] == "diverged" and s["diverged_round"] == 0
+    assert checkpoint.latest(str(tmp_path)) is None
