@@ -278,3 +278,23 @@ def test_cli_divergence_exits_3_with_one_line(tmp_path, capsys):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["stop_reason"] == "diverged" and s["diverged_round"] == 0
     assert checkpoint.latest(str(tmp_path)) is None
+
+
+def test_signal_sets_the_stop_flag_and_exit_codes():
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import run
+    before = signal.getsignal(signal.SIGINT)
+    stop = run.StopFlag().install()
+    try:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGINT)              # handled: no KeyboardInterrupt
+        time.sleep(0.01)
+        assert stop() and stop.signum == signal.SIGINT
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert run.exit_code([{"stop_reason": "rounds"}, {"stop_reason": "interrupted"}], stop) == 130
+    stop.signum = signal.SIGTERM
+    assert run.exit_code([{"stop_reason": "interrupted"}], stop) == 143
+    assert run.exit_code([{"stop_reason": "diverged"}], run.StopFlag()) == 3
+    assert run.exit_code([{"stop_reason": "comm_budget"}], run.StopFlag()) == 0
