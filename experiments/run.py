@@ -5,22 +5,40 @@
     python experiments/run.py --algo all               # the five algorithms, one comparison table
     python experiments/run.py --describe               # the model split as JSON
 
-Writes config.json, metrics.jsonl (one line per round) and summary.json into
---out (default runs/<algo>-<dataset>-<timestamp>/).
+Writes config.json, metrics.jsonl (one line per round, flushed every round),
+summary.json and checkpoints/ into --out (default runs/<algo>-<dataset>-<timestamp>/).
+
+    python experiments/run.py --resume runs/fsl_sage-digits-...   # continue a stopped run
+
+Exit codes: 0 done; 2 bad flag (one line on stderr, nothing written); 3 a run
+diverged (non-finite loss or parameter); 130 / 143 stopped by SIGINT / SIGTERM
+after writing a checkpoint (resumable with --resume).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 ALGOS = ("fed_avg", "sl_multi_server", "sl_single_server", "cse_fsl", "fsl_sage")
 DEFAULT_ROUNDS = 50
+DEFAULT_CHECKPOINT_EVERY = 10
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (``error: ...``, exit code 2), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(str(message).split())}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fslsage_jax.data import DATASETS
     from fslsage_jax.models import MODELS
     c = Config()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Federated split learning simulation (FSL-SAGE, Nair et al. ICML 2025, and "
                     "baselines). All clients are one pytree; every round runs as compiled JAX.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-dir", default=None, help="directory with dataset files (for datasets read from disk)")
     a("--out", default=None, help="output directory (default runs/<algo>-<dataset>-<timestamp>/)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    a("--resume", default=None, metavar="RUN_DIR",
+      help="continue the run in RUN_DIR from its last checkpoint, with its config.json settings "
+           "(--rounds and --comm-budget-gib may be raised; --strategy, --step-loop, --chunk-size "
+           "may change; other settings must match). With --algo all runs, finished algorithms are "
+           "skipped and unstarted ones start from round 0")
+    a("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+      help="save a checkpoint every this many rounds (and always when a run stops, except "
+           "on divergence); the last 3 are kept")
     a("--strategy", default="auto", choices=("auto",) + STRATEGIES,
       help="how the client axis runs: auto (the fastest measured for this backend and input "
            "size: vmap, or unroll for images larger than 16x16 on CPU), vmap (batched), map "
@@ -80,27 +106,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    """Exit 2 with one line on stderr."""
+    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
     raise SystemExit(2)
+
+
+POSITIVE_INTS = ("num_clients", "rounds", "local_epochs", "batch_size", "server_update_interval",
+                 "align_interval", "align_epochs", "align_batch_size", "align_buffer_size",
+                 "chunk_size", "checkpoint_every")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def validate(args) -> None:
     """Cheap checks before any heavy work: exit 2 with one line naming the flag."""
-    for flag in ("num_clients", "rounds", "local_epochs", "batch_size", "server_update_interval",
-                 "align_interval", "align_epochs", "align_batch_size", "align_buffer_size",
-                 "chunk_size"):
-        v = getattr(args, flag)
+    for dest in POSITIVE_INTS:
+        v = getattr(args, dest)
         if v <= 0:
-            fail(f"--{flag.replace('_', '-')} {v}: must be a positive integer")
-    for flag in ("lr", "alpha", "comm_budget_gib"):
-        v = getattr(args, flag)
-        if not v > 0:
-            fail(f"--{flag.replace('_', '-')} {v}: must be > 0")
-    if args.weight_decay < 0:
-        fail(f"--weight-decay {args.weight_decay}: must be >= 0")
+            fail(f"{_flag(dest)} {v}: must be a positive integer")
+    for dest in ("lr", "alpha", "comm_budget_gib"):
+        v = getattr(args, dest)
+        if not (math.isfinite(v) and v > 0):
+            fail(f"{_flag(dest)} {v}: must be a finite number > 0")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        fail(f"--weight-decay {args.weight_decay}: must be a finite number >= 0")
+    if not 0.0 <= args.target_accuracy <= 1.0:
+        fail(f"--target-accuracy {args.target_accuracy}: must lie in [0, 1]")
+    if args.data_dir is not None and not os.path.exists(args.data_dir):
+        fail(f"--data-dir {args.data_dir}: no such file or directory")
+
+
+def check_out(path: str, overwrite: bool, resume: bool) -> None:
+    """Refuse an --out that cannot hold a fresh run, without creating anything."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            fail(f"--out {path}: exists and is not a directory")
+        if os.listdir(path) and not (overwrite or resume):
+            fail(f"--out {path}: exists and is not empty (pass --overwrite to reuse it, "
+                 f"or --resume {path} to continue it)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            fail(f"--out {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"--out {path}: cannot be created ({parent} is not a directory)")
+    try:                       # os.access says yes to root even where creating fails
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".fslsage-probe-"))
+    except OSError as e:
+        fail(f"--out {path}: cannot be created in {parent} ({e.strerror})")
 
 
 def prepare_out(path: str, overwrite: bool) -> str:
+    """Create --out (checked before by :func:`check_out`)."""
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         fail(f"--out {path}: exists and is not empty (pass --overwrite to reuse it)")
     try:
@@ -110,6 +171,164 @@ def prepare_out(path: str, overwrite: bool) -> str:
     if not os.access(path, os.W_OK):
         fail(f"--out {path}: not writable")
     return path
+
+
+# ----------------------------------------------------------------------------- model/data checks
+def _cnn_input_error(input_shape: tuple, num_classes: int) -> str | None:
+    if len(input_shape) != 3:
+        return f"needs images (H, W, C), got inputs of shape {tuple(input_shape)}"
+    return None
+
+
+# model name -> (input_shape, num_classes) -> why the model cannot take this data, or None.
+# Models without an entry are only checked by building them on the data's input shape.
+MODEL_INPUT_CHECKS = {"cnn": _cnn_input_error}
+
+
+def check_model_input(model: str, dataset: str, input_shape: tuple, num_classes: int) -> None:
+    """Exit 2 if ``model`` cannot take ``dataset``'s inputs (rule of MODEL_INPUT_CHECKS)."""
+    rule = MODEL_INPUT_CHECKS.get(model)
+    why = rule(tuple(input_shape), num_classes) if rule else None
+    if why:
+        fail(f"--model {model}: cannot be used with --dataset {dataset}: {why}")
+
+
+# ----------------------------------------------------------------------------- resume
+# Settings that may differ from a run's config.json on --resume: results do not depend on
+# them (strategy, step loop and chunk size agree within 1e-5) or they only extend the run.
+# Every other flag, including flags added later, must match.
+RESUME_MAY_DIFFER = frozenset({"resume", "out", "overwrite", "rounds", "comm_budget_gib",
+                               "target_accuracy", "strategy", "step_loop", "chunk_size",
+                               "no_progress", "checkpoint_every", "data_dir", "describe"})
+
+
+def explicit_flags(argv: list[str]) -> dict:
+    """The flags given on the command line (dest -> parsed value), defaults left out."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def resume_args(args, argv: list[str]) -> argparse.Namespace:
+    """The settings of the run in ``args.resume`` (its config.json) plus the allowed overrides.
+
+    Exits 2 if the directory is no run directory, has no checkpoint, or if a flag given on
+    the command line differs from the run's setting where results depend on it.
+    """
+    from fslsage_jax import checkpoint
+
+    run_dir = args.resume
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        fail(f"--resume {run_dir}: no such directory")
+    if not os.path.isfile(cfg_path):
+        fail(f"--resume {run_dir}: not a run directory (no config.json)")
+    try:
+        with open(cfg_path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"--resume {run_dir}: unreadable config.json ({e})")
+    given = explicit_flags(argv)
+    if "out" in given and os.path.abspath(given["out"]) != os.path.abspath(run_dir):
+        fail(f"--out {given['out']}: cannot be combined with --resume {run_dir} (the run continues "
+             f"in {run_dir})")
+    defaults = vars(build_parser().parse_args([]))
+    differ = [f"{_flag(k)} {v} (run: {stored.get(k, defaults.get(k))})" for k, v in sorted(given.items())
+              if k not in RESUME_MAY_DIFFER and v != stored.get(k, defaults.get(k))]
+    if differ:
+        fail(f"--resume {run_dir}: settings differ from the run's config.json: {', '.join(differ)}")
+    merged = {**defaults, **{k: v for k, v in stored.items() if k in defaults}, **given,
+              "resume": run_dir, "out": run_dir}
+    ns = argparse.Namespace(**merged)
+    subdirs = ([os.path.join(run_dir, a) for a in ALGOS] if ns.algo == "all" else [run_dir])
+    ckpts = [checkpoint.latest(d) for d in subdirs if os.path.isdir(d)]
+    ckpts = [c for c in ckpts if c is not None]
+    if not ckpts:
+        fail(f"--resume {run_dir}: no checkpoint yet (the run stopped before its first one); "
+             f"start it again with --out {run_dir} --overwrite")
+    done = max(c.rounds for c in ckpts)
+    if ns.rounds < done:
+        fail(f"--rounds {ns.rounds}: the run in {run_dir} has already completed {done} rounds")
+    return ns
+
+
+def resume_plan(run_dir: str, rounds: int) -> tuple[str, dict | None]:
+    """What ``--resume`` of an ``--algo all`` run does with one algorithm's sub-directory.
+
+    Returns ``("skip", summary)`` if it finished (diverged, budget spent, or all ``rounds``
+    done), ``("resume", None)`` if it has a checkpoint, else ``("fresh", None)``.
+    """
+    from fslsage_jax import checkpoint
+
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            s = json.load(f)
+    except (OSError, ValueError):
+        s = None
+    if s and (s["stop_reason"] in ("diverged", "comm_budget")
+              or (s["stop_reason"] == "rounds" and s["rounds_run"] >= rounds)):
+        return "skip", s
+    if checkpoint.latest(run_dir) is not None:
+        return "resume", None
+    return "fresh", None
+
+
+# ----------------------------------------------------------------------------- signals
+class StopFlag:
+    """Set by SIGINT / SIGTERM: the run stops after the current round with a checkpoint.
+
+    A second signal kills the process at once. ``restore()`` puts the previous handlers back.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def install(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+def exit_code(summaries: list[dict], stop: StopFlag) -> int:
+    """130 / 143 if stopped by SIGINT / SIGTERM, else 3 if a run diverged, else 0."""
+    if any(s["stop_reason"] == "interrupted" for s in summaries) and stop.signum is not None:
+        return 128 + int(stop.signum)
+    return 3 if any(s["stop_reason"] == "diverged" for s in summaries) else 0
+
+
+def report_stop(s: dict, run_dir: str, out: str) -> None:
+    """One line on stderr for a run that diverged or was interrupted."""
+    from fslsage_jax import checkpoint
+
+    c = checkpoint.latest(run_dir)
+    last = f"last checkpoint after round {c.rounds}" if c else "no checkpoint"
+    if s["stop_reason"] == "diverged":
+        print(f"error: {s['algo']} diverged at round {s['diverged_round']} (non-finite loss or "
+              f"parameters); {s['diverged_round']} completed rounds kept in "
+              f"{os.path.join(run_dir, 'metrics.jsonl')}, {last}", file=sys.stderr, flush=True)
+    elif s["stop_reason"] == "interrupted":
+        print(f"{s['algo']} interrupted after {s['rounds_run']} rounds, {last}; continue with: "
+              f"python experiments/run.py --resume {out}", file=sys.stderr, flush=True)
 
 
 def format_table(summaries: list[dict], target: float) -> str:
@@ -126,8 +345,15 @@ def format_table(summaries: list[dict], target: float) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.resume:
+        args = resume_args(args, argv)
     validate(args)
+    if not args.describe:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out = args.out or os.path.join("runs", f"{args.algo}-{args.dataset}-{stamp}")
+        check_out(args.out, args.overwrite, bool(args.resume))
 
     from fslsage_jax.data import load_dataset, partition, to_client_arrays
     from fslsage_jax.models import MODELS
@@ -136,24 +362,36 @@ def main(argv=None) -> int:
     try:
         ds = load_dataset(args.dataset, seed=args.seed, data_dir=args.data_dir)
     except (ValueError, FileNotFoundError, OSError) as e:
-        fail(f"--dataset {args.dataset}: {e}")
-    split = MODELS[args.model](ds.x_train.shape[1:], ds.num_classes)
+        where = f"--data-dir {args.data_dir}" if args.data_dir else f"--dataset {args.dataset}"
+        fail(f"{where}: cannot load dataset {args.dataset} ({type(e).__name__}: {e})")
+    check_model_input(args.model, args.dataset, ds.x_train.shape[1:], ds.num_classes)
+    try:
+        split = MODELS[args.model](ds.x_train.shape[1:], ds.num_classes)
+        described = describe(split)
+    except Exception as e:  # noqa: BLE001 (any failure to build the model on these shapes)
+        fail(f"--model {args.model}: cannot be built for --dataset {args.dataset} inputs of shape "
+             f"{tuple(ds.x_train.shape[1:])} ({type(e).__name__}: {e})")
     if args.describe:
-        print(json.dumps(describe(split), indent=2))
+        print(json.dumps(described, indent=2))
         return 0
 
     n_train = len(ds.y_train)
     if args.num_clients > n_train:
         fail(f"--num-clients {args.num_clients}: more clients than the {n_train} training samples")
-    parts = partition(ds.y_train, args.num_clients, args.distribution, args.alpha,
-                      ds.num_classes, args.seed)
-    clients = to_client_arrays(ds.x_train, ds.y_train, parts)
+    try:
+        parts = partition(ds.y_train, args.num_clients, args.distribution, args.alpha,
+                          ds.num_classes, args.seed)
+        clients = to_client_arrays(ds.x_train, ds.y_train, parts)
+    except ValueError as e:
+        fail(f"--num-clients {args.num_clients} --distribution {args.distribution} "
+             f"--alpha {args.alpha}: {e}")
     smallest = int(clients.counts.min())
     if args.batch_size > smallest:
         fail(f"--batch-size {args.batch_size}: larger than the smallest client shard "
              f"({smallest} samples); use fewer clients or a smaller batch")
 
     import jax
+
     from fslsage_jax.algorithms.common import Config, auto_strategy
     from fslsage_jax.simulate import run_simulation, write_json_atomic
 
@@ -165,34 +403,54 @@ def main(argv=None) -> int:
                  align_interval=args.align_interval, align_epochs=args.align_epochs,
                  align_batch_size=args.align_batch_size, align_buffer_size=args.align_buffer_size,
                  strategy=args.strategy, chunk_size=args.chunk_size, step_loop=args.step_loop)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = prepare_out(args.out or os.path.join("runs", f"{args.algo}-{args.dataset}-{stamp}"),
-                      args.overwrite)
+    resuming = bool(args.resume)
+    out = prepare_out(args.out, args.overwrite or resuming)
     algos = ALGOS if args.algo == "all" else (args.algo,)
-    summaries = []
-    for name in algos:
-        run_dir = prepare_out(os.path.join(out, name), args.overwrite) if len(algos) > 1 else out
-        write_json_atomic(os.path.join(run_dir, "config.json"),
-                          {**vars(args), "algo": name, "config": dataclasses.asdict(cfg),
-                           "n_train": n_train, "n_test": int(len(ds.y_test)),
-                           "num_classes": ds.num_classes, "input_shape": list(ds.x_train.shape[1:]),
-                           "client_sample_counts": [int(c) for c in clients.counts],
-                           "jax_version": jax.__version__, "backend": jax.default_backend()})
-        s = run_simulation(name, split, cfg, clients, ds.x_test, ds.y_test, rounds=args.rounds,
-                           seed=args.seed, comm_budget_bytes=int(args.comm_budget_gib * 2 ** 30),
-                           out_dir=run_dir, target_accuracy=args.target_accuracy,
-                           progress=not args.no_progress)
-        summaries.append(s)
-        print(f"{name}: accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}), "
-              f"{s['total_gib']:.4f} GiB, {s['rounds_run']} rounds, stop: {s['stop_reason']}, "
-              f"{s['wall_time_s']:.1f} s -> {run_dir}", flush=True)
-    table = format_table(summaries, args.target_accuracy)
-    print(table)
+    run_config = {**vars(args), "config": dataclasses.asdict(cfg),
+                  "n_train": n_train, "n_test": len(ds.y_test),
+                  "num_classes": ds.num_classes, "input_shape": list(ds.x_train.shape[1:]),
+                  "client_sample_counts": [int(c) for c in clients.counts],
+                  "jax_version": jax.__version__, "backend": jax.default_backend()}
     if len(algos) > 1:
-        with open(os.path.join(out, "comparison.md"), "w") as f:
-            f.write(table + "\n")
-        write_json_atomic(os.path.join(out, "comparison.json"), summaries)
-    return 3 if any(s["stop_reason"] == "diverged" for s in summaries) else 0
+        write_json_atomic(os.path.join(out, "config.json"), run_config)
+    stop = StopFlag().install()
+    summaries = []
+    try:
+        for name in algos:
+            run_dir = os.path.join(out, name) if len(algos) > 1 else out
+            plan = "resume" if resuming else "fresh"
+            if resuming and len(algos) > 1:
+                plan, s = resume_plan(run_dir, args.rounds)
+                if plan == "skip":
+                    summaries.append(s)
+                    print(f"{name}: finished before ({s['stop_reason']}), skipped", flush=True)
+                    continue
+            if len(algos) > 1:
+                prepare_out(run_dir, args.overwrite or resuming)
+            write_json_atomic(os.path.join(run_dir, "config.json"), {**run_config, "algo": name})
+            s = run_simulation(name, split, cfg, clients, ds.x_test, ds.y_test, rounds=args.rounds,
+                               seed=args.seed, comm_budget_bytes=int(args.comm_budget_gib * 2 ** 30),
+                               out_dir=run_dir, target_accuracy=args.target_accuracy,
+                               progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+                               resume=plan == "resume", stop_requested=stop,
+                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+            summaries.append(s)
+            print(f"{name}: accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}), "
+                  f"{s['total_gib']:.4f} GiB, {s['rounds_run']} rounds, stop: {s['stop_reason']}, "
+                  f"{s['wall_time_s']:.1f} s -> {run_dir}", flush=True)
+            report_stop(s, run_dir, out)
+            if s["stop_reason"] == "interrupted":
+                break
+    finally:
+        stop.restore()
+    if summaries and all(s["rounds_run"] > 0 for s in summaries):
+        table = format_table(summaries, args.target_accuracy)
+        print(table)
+        if len(algos) > 1 and len(summaries) == len(algos):
+            with open(os.path.join(out, "comparison.md"), "w") as f:
+                f.write(table + "\n")
+            write_json_atomic(os.path.join(out, "comparison.json"), summaries)
+    return exit_code(summaries, stop)
 
 
 if __name__ == "__main__":

@@ -3,25 +3,39 @@ the budget stop, metrics files and progress.
 
 ``run_simulation`` drives any algorithm from :data:`fslsage_jax.algorithms.ALGORITHMS`
 and writes, into ``out_dir``: ``config.json`` (written by the caller),
-``metrics.jsonl`` (one JSON object per round, flushed when the round ends) and
-``summary.json`` (at the end, written atomically).
+``metrics.jsonl`` (one JSON object per round, flushed and synced when the round
+ends), ``summary.json`` (at the end, written atomically) and checkpoints
+(:mod:`fslsage_jax.checkpoint`) every ``checkpoint_every`` rounds and whenever
+the run stops, except on divergence.
+
+Stop reasons: ``rounds`` (R rounds done), ``comm_budget``, ``diverged`` (a
+non-finite training loss, test loss or state leaf; the diverged round's record
+is written with its non-finite numbers as ``null`` and is never checkpointed),
+``interrupted`` (``stop_requested()`` became true; checked after each round).
+
+Resuming (``resume=True``) restores the newest checkpoint of ``out_dir``,
+truncates ``metrics.jsonl`` to its rounds and continues; round keys are
+``fold_in(round_key, t)``, so a resumed run repeats an uninterrupted one exactly.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.common import Config
 from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
-from fslsage_jax.comm import GIB, Ledger, round_bytes, sizes_of
+from fslsage_jax.comm import GIB, KINDS, Ledger, round_bytes, sizes_of
 from fslsage_jax.split import SplitModel, describe
 
 
@@ -43,10 +57,72 @@ def gib_to_target(records: list[dict], target: float) -> float | None:
     return None
 
 
+@jax.jit
+def tree_all_finite(tree: Any) -> jax.Array:
+    """One compiled reduction: True iff every float leaf of ``tree`` is finite."""
+    oks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_cached(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
+    return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
+
+
+def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
+    """``(Algorithm, evaluate)`` for one setting, built once per process (when the split
+    model is hashable) so that repeated runs (a resume, a sweep, tests) reuse the compiled
+    functions instead of compiling them again."""
+    try:
+        return _build_cached(algo_name, split, cfg, n_max)
+    except TypeError:           # an unhashable split model: build afresh
+        return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
+
+
+def read_metrics(path: str, rounds: int) -> list[dict]:
+    """The first ``rounds`` records of a ``metrics.jsonl`` (rounds 0..rounds-1, in order).
+
+    Raises:
+      ValueError: the file holds fewer complete, consecutive records.
+    """
+    records = []
+    if rounds > 0:
+        with open(path) as f:
+            for line in f:
+                if len(records) == rounds or not line.endswith("\n"):
+                    break
+                rec = json.loads(line)
+                if rec.get("round") != len(records):
+                    break
+                records.append(rec)
+    if len(records) < rounds:
+        raise ValueError(f"{path} holds {len(records)} complete rounds but the checkpoint has "
+                         f"{rounds}")
+    return records
+
+
+def truncate_metrics(path: str, records: list[dict]) -> None:
+    """Rewrite ``metrics.jsonl`` atomically with exactly ``records`` (drops redone rounds)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_safe(rec: dict) -> dict:
+    """Non-finite floats as None (strict JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
 def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, test_x, test_y, *,
                    rounds: int, seed: int = 0, comm_budget_bytes: int | None = None,
                    out_dir: str | None = None, target_accuracy: float = 0.9,
-                   progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                   progress: bool = True, log: Callable[[str], None] | None = None,
+                   checkpoint_every: int | None = None, keep_checkpoints: int = 3,
+                   resume: bool = False, stop_requested: Callable[[], bool] | None = None) -> dict:
     """Train ``algo_name`` for up to ``rounds`` rounds or until the budget is spent.
 
     Args:
@@ -57,16 +133,24 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
       rounds: maximum number of rounds R.
       seed: the run's seed (initial models, shuffles, alignment).
       comm_budget_bytes: stop once the paper-comparable total reaches it.
-      out_dir: where ``metrics.jsonl`` and ``summary.json`` go (None: nowhere).
+      out_dir: where ``metrics.jsonl``, ``summary.json`` and checkpoints go (None: nowhere).
       target_accuracy: accuracy whose first crossing is reported in GiB.
       progress: show a progress bar over rounds.
+      log: where to report resumes and checkpoints (None: silent).
+      checkpoint_every: save a checkpoint every this many rounds and when the run
+        stops (not on divergence); None: never (needs ``out_dir``).
+      keep_checkpoints: how many of the newest checkpoints to keep.
+      resume: continue from the newest checkpoint in ``out_dir`` (from round 0 if
+        there is none), keeping ``metrics.jsonl``'s records of its rounds.
+      stop_requested: polled after every round; True stops the run with a
+        checkpoint and stop reason ``interrupted``.
     Returns:
       the summary dict (also written to ``summary.json``).
     """
     t_start = time.time()
+    say = log or (lambda msg: None)
     n_max = client_data.x.shape[1]
-    algo = ALGORITHMS[algo_name](split, cfg, n_max)
-    evaluate = make_evaluate(split)
+    algo, evaluate = build(algo_name, split, cfg, n_max)
     sizes = sizes_of(split)
     data = ClientArrays(jnp.asarray(client_data.x), jnp.asarray(client_data.y),
                         jnp.asarray(client_data.counts, jnp.int32))
@@ -75,14 +159,44 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
     state = algo.init(jax.random.fold_in(key, 0))
     round_key = jax.random.fold_in(key, 1)
 
-    ledger, records, stop_reason = Ledger.empty(), [], "rounds"
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w") if out_dir else None
+    ledger, records, stop_reason, diverged_round = Ledger.empty(), [], "rounds", None
+    first, wall_before = 0, 0.0
+    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    if resume:
+        if not out_dir:
+            raise ValueError("resume needs out_dir")
+        ckpt = checkpoint.latest(out_dir)
+        if ckpt is not None:
+            state = checkpoint.restore(ckpt, state)
+            first = ckpt.rounds
+            ledger = Ledger({k: int(ckpt.meta["ledger"].get(k, 0)) for k in KINDS})
+            wall_before = float(ckpt.meta.get("wall_time_s", 0.0))
+            if int(jax.device_get(state.round)) != first:
+                raise ValueError(f"checkpoint {ckpt.path}: state round {int(state.round)} != {first}")
+        records = read_metrics(metrics_path, first) if first else []
+        say(f"{algo_name}: resuming after round {first} from "
+            f"{ckpt.path if ckpt else 'the start (no checkpoint yet)'}")
+    if metrics_path:
+        truncate_metrics(metrics_path, records)
+
+    def save_checkpoint(done: int) -> None:
+        if not (out_dir and checkpoint_every):
+            return
+        checkpoint.save(out_dir, state, done, {"algo": algo_name, "ledger": dict(ledger.counts),
+                                               "wall_time_s": wall_before + time.time() - t_start},
+                        keep=keep_checkpoints)
+
+    metrics_file = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115 (closed below)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=rounds, desc=algo_name, unit="round", leave=False)
+        bar = tqdm(total=rounds, initial=min(first, rounds), desc=algo_name, unit="round", leave=False)
     try:
-        for t in range(rounds):
+        if comm_budget_bytes is not None and ledger.total >= comm_budget_bytes:
+            stop_reason = "comm_budget"
+        for t in range(first, rounds if stop_reason == "rounds" else first):
             t0 = time.time()
             state, acc = algo.run_round(state, data, jax.random.fold_in(round_key, t))
             round_time = time.time() - t0
@@ -102,18 +216,27 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
                 if aligned:
                     rec["align_loss_first_epoch"] = float(acc["align_loss_first"])
                     rec["align_loss_last_epoch"] = float(acc["align_loss_last"])
+            finite = (math.isfinite(rec["train_loss"]) and math.isfinite(test_loss)
+                      and bool(tree_all_finite(checkpoint.strip_frozen(state))))
+            rec = _json_safe(rec)
             records.append(rec)
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
+                os.fsync(metrics_file.fileno())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(acc=f"{test_acc:.4f}", GiB=f"{ledger.total_gib:.4f}")
-            if not math.isfinite(rec["train_loss"]) or not math.isfinite(test_loss):
-                stop_reason = "diverged"
+            if not finite:
+                stop_reason, diverged_round = "diverged", t
                 break
             if comm_budget_bytes is not None and ledger.total >= comm_budget_bytes:
                 stop_reason = "comm_budget"
+            elif t + 1 < rounds and stop_requested is not None and stop_requested():
+                stop_reason = "interrupted"
+            if stop_reason != "rounds" or t + 1 == rounds or (t + 1) % (checkpoint_every or 1) == 0:
+                save_checkpoint(t + 1)
+            if stop_reason != "rounds":
                 break
     finally:
         if bar is not None:
@@ -136,10 +259,11 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
         "gib_to_target": gib_to_target(records, target_accuracy),
         "rounds_run": len(records),
         "stop_reason": stop_reason,
+        "diverged_round": diverged_round,
         "first_round_time_s": records[0]["round_time_s"] if records else None,
         "mean_round_time_s": (float(np.mean([r["round_time_s"] for r in records[1:]]))
                               if len(records) > 1 else None),
-        "wall_time_s": time.time() - t_start,
+        "wall_time_s": wall_before + time.time() - t_start,
         "param_counts": d["param_counts"], "state_counts": d["state_counts"],
         "model_bytes": d["model_bytes"], "cut_shape": d["cut_shape"],
         "client_sample_counts": [int(c) for c in client_data.counts],
