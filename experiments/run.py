@@ -4,6 +4,8 @@
     python experiments/run.py --algo fsl_sage          # FSL-SAGE on digits, a minute on a laptop
     python experiments/run.py --algo all               # the five algorithms, one comparison table
     python experiments/run.py --describe               # the model split as JSON
+    python experiments/run.py --preset cifar10_resnet18 --data-dir ~/data   # the paper's CIFAR-10 run
+    python experiments/run.py --preset e2e_gpt2_tiny --data-dir E2E --tokenizer VOCAB  # GPT-2 + LoRA
 
 Writes config.json, metrics.jsonl (one line per round, flushed every round),
 summary.json and checkpoints/ into --out (default runs/<algo>-<dataset>-<timestamp>/).
@@ -41,28 +43,53 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {' '.join(str(message).split())}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fslsage_jax.algorithms.common import STEP_LOOPS, STRATEGIES, Config
+LM_DATASETS = ("e2e",)
+LM_MODELS = ("gpt2",)
+GPT2_SIZES = ("tiny", "medium")
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; ``preset`` (a key of ``PRESETS``) replaces the defaults it names."""
+    from fslsage_jax.algorithms.common import OPTIMIZERS, STEP_LOOPS, STRATEGIES, Config
     from fslsage_jax.data import DATASETS
     from fslsage_jax.models import MODELS
+    from fslsage_jax.presets import PRESETS
     c = Config()
     p = OneLineParser(
         description="Federated split learning simulation (FSL-SAGE, Nair et al. ICML 2025, and "
                     "baselines). All clients are one pytree; every round runs as compiled JAX.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
+    a("--preset", default=None, choices=sorted(PRESETS),
+      help="set every hyperparameter of one of the paper's experiments (printed when used); "
+           "flags given explicitly override it")
     a("--algo", default="fsl_sage", choices=ALGOS + ("all",),
       help="algorithm, or 'all' to run the five on the same partition and seed")
-    a("--dataset", default="digits", choices=sorted(DATASETS),
+    a("--dataset", default="digits", choices=sorted(DATASETS) + list(LM_DATASETS),
       help="digits: scikit-learn's bundled 8x8 handwritten digits (real data, offline); "
-           "synthetic: random images for speed tests")
-    a("--model", default="cnn", choices=sorted(MODELS), help="split model")
+           "synthetic: random images for speed tests; cifar10/cifar100: from --data-dir "
+           "(the original archive or its folder) or tensorflow-datasets; e2e: E2E NLG for "
+           "--model gpt2, from --data-dir (the CSV release) or tensorflow-datasets")
+    a("--model", default="cnn", choices=sorted(MODELS) + list(LM_MODELS),
+      help="split model: cnn (the original's small CNN), resnet18 (the paper's image model), "
+           "gpt2 (GPT-2 with LoRA, --dataset e2e)")
     a("--num-clients", type=int, default=c.num_clients, help="number of simulated clients m")
     a("--rounds", type=int, default=DEFAULT_ROUNDS, help="maximum number of rounds R")
     a("--local-epochs", type=int, default=c.local_epochs, help="local epochs E per round")
     a("--batch-size", type=int, default=c.batch_size, help="local minibatch size B")
     a("--lr", type=float, default=c.lr, help="Adam learning rate (client, server, CSE-FSL aux)")
-    a("--weight-decay", type=float, default=c.weight_decay, help="L2 weight decay (PyTorch Adam style)")
+    a("--weight-decay", type=float, default=c.weight_decay,
+      help="weight decay: L2 added to the gradient for --optimizer adam (PyTorch Adam), "
+           "decoupled for adamw")
+    a("--optimizer", default=c.optimizer, choices=OPTIMIZERS,
+      help="client/server optimizer: adam (the image recipe) or adamw (the GPT-2 LoRA recipe)")
+    a("--adam-eps", type=float, default=c.adam_eps, help="Adam epsilon")
+    a("--warmup-steps", type=int, default=c.warmup_steps,
+      help="linear learning-rate warm-up over this many optimizer steps (0: none)")
+    a("--train-subset", type=int, default=0, metavar="N",
+      help="train on the first N training samples only (0: all); for quick runs")
+    a("--eval-subset", type=int, default=0, metavar="N",
+      help="evaluate on the first N test samples only (0: all)")
     a("--seed", type=int, default=0, help="seed for data split, partition, models and shuffles")
     a("--server-update-interval", type=int, default=c.server_update_interval,
       help="Q: CSE-FSL/FSL-SAGE clients upload when their local step k %% Q == 0")
@@ -78,7 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
       help="stop once cumulative communication reaches this many GiB (2^30 bytes)")
     a("--target-accuracy", type=float, default=0.9,
       help="report the GiB at which test accuracy first reaches this")
-    a("--data-dir", default=None, help="directory with dataset files (for datasets read from disk)")
+    a("--data-dir", default=None,
+      help="dataset files: for cifar10/cifar100 the original cifar-10-python.tar.gz / "
+           "cifar-100-python.tar.gz or its extracted folder (or a folder holding either); for e2e "
+           "the folder with trainset.csv, devset.csv, testset_w_refs.csv")
+    g = p.add_argument_group("language model (--model gpt2 --dataset e2e)")
+    g.add_argument("--gpt2-size", default="medium", choices=GPT2_SIZES,
+                   help="GPT-2 shape when no --pretrained config is read: medium (24 blocks, "
+                        "width 1024) or tiny (4 blocks, width 64; seconds per round on a CPU)")
+    g.add_argument("--pretrained", default=None, metavar="PATH_OR_NAME",
+                   help="Hugging Face GPT-2 weights: a folder with model.safetensors and "
+                        "config.json, or a hub name (e.g. gpt2-medium) when online; without it "
+                        "the model is randomly initialised")
+    g.add_argument("--tokenizer", default=None, metavar="PATH_OR_NAME",
+                   help="GPT-2 tokenizer: a folder with vocab.json and merges.txt, or a hub name "
+                        "(default: --pretrained, else gpt2)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (pad/truncate)")
+    g.add_argument("--e2e-splits", default="train,dev", metavar="TRAIN,EVAL",
+                   help="E2E splits to train and evaluate on (of train, dev, test)")
+    g.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="at the end, greedily decode N evaluation meaning representations and "
+                        "report corpus BLEU against all their references")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     a("--out", default=None, help="output directory (default runs/<algo>-<dataset>-<timestamp>/)")
     a("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     a("--resume", default=None, metavar="RUN_DIR",
@@ -102,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--describe", action="store_true",
       help="print the model split as JSON (parameter, state and byte counts, cut shape) and exit")
     a("--no-progress", action="store_true", help="no progress bar")
+    if preset is not None:
+        from fslsage_jax.presets import preset_defaults
+        p.set_defaults(**preset_defaults(preset))
     return p
+
+
+def preset_of(argv: list[str]) -> str | None:
+    """The ``--preset`` value in ``argv`` (None if absent); unknown names fail later in parsing."""
+    from fslsage_jax.presets import PRESETS
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    name = pre.parse_known_args(argv)[0].preset
+    return name if name in PRESETS else None
 
 
 def fail(msg: str) -> None:
@@ -136,6 +196,29 @@ def validate(args) -> None:
         fail(f"--target-accuracy {args.target_accuracy}: must lie in [0, 1]")
     if args.data_dir is not None and not os.path.exists(args.data_dir):
         fail(f"--data-dir {args.data_dir}: no such file or directory")
+    if not (math.isfinite(args.adam_eps) and args.adam_eps > 0):
+        fail(f"--adam-eps {args.adam_eps}: must be a finite number > 0")
+    for dest in ("warmup_steps", "train_subset", "eval_subset", "generate"):
+        if getattr(args, dest) < 0:
+            fail(f"{_flag(dest)} {getattr(args, dest)}: must be >= 0")
+    for dest in ("seq_len", "max_new_tokens"):
+        if getattr(args, dest) <= 0:
+            fail(f"{_flag(dest)} {getattr(args, dest)}: must be a positive integer")
+    lm_model, lm_data = args.model in LM_MODELS, args.dataset in LM_DATASETS
+    if lm_model != lm_data:
+        need = "--dataset e2e" if lm_model else "an image model (cnn, resnet18)"
+        fail(f"--model {args.model}: cannot be used with --dataset {args.dataset} (needs {need})")
+    if lm_data and args.distribution != "iid":
+        fail(f"--distribution {args.distribution}: --dataset {args.dataset} has no class labels to "
+             f"skew; use iid")
+    splits = args.e2e_splits.split(",")
+    if len(splits) != 2 or not set(splits) <= {"train", "dev", "test"}:
+        fail(f"--e2e-splits {args.e2e_splits}: must be TRAIN,EVAL with each of train, dev, test")
+    if args.generate and not lm_model:
+        fail(f"--generate {args.generate}: only for --model gpt2")
+    if args.generate and args.max_new_tokens >= args.seq_len:
+        fail(f"--max-new-tokens {args.max_new_tokens}: must be smaller than --seq-len {args.seq_len} "
+             f"(the prompt needs room)")
 
 
 def check_out(path: str, overwrite: bool, resume: bool) -> None:
@@ -180,9 +263,16 @@ def _cnn_input_error(input_shape: tuple, num_classes: int) -> str | None:
     return None
 
 
+def _resnet_input_error(input_shape: tuple, num_classes: int) -> str | None:
+    if len(input_shape) != 3 or min(input_shape[:2]) < 32:
+        return (f"needs images of at least 32x32 (its client part downsamples 8x), got inputs of "
+                f"shape {tuple(input_shape)}")
+    return None
+
+
 # model name -> (input_shape, num_classes) -> why the model cannot take this data, or None.
 # Models without an entry are only checked by building them on the data's input shape.
-MODEL_INPUT_CHECKS = {"cnn": _cnn_input_error}
+MODEL_INPUT_CHECKS = {"cnn": _cnn_input_error, "resnet18": _resnet_input_error}
 
 
 def check_model_input(model: str, dataset: str, input_shape: tuple, num_classes: int) -> None:
@@ -332,21 +422,168 @@ def report_stop(s: dict, run_dir: str, out: str) -> None:
 
 
 def format_table(summaries: list[dict], target: float) -> str:
-    head = (f"| algorithm | final acc | best acc | total GiB | GiB to {target:.2f} | rounds | "
-            f"s/round |\n|---|---|---|---|---|---|---|")
+    """Markdown comparison table; language-model runs get a perplexity column."""
+    lm = any(s.get("final_perplexity") is not None for s in summaries)
+    head = (f"| algorithm | final acc | best acc | {'final ppl | ' if lm else ''}total GiB | "
+            f"GiB to {target:.2f} | rounds | s/round |\n|---|---|---|{'---|' if lm else ''}---|---|---|---|")
     rows = []
     for s in summaries:
         g = s["gib_to_target"]
         rt = s["mean_round_time_s"] or s["first_round_time_s"]
-        rows.append(f"| {s['algo']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | "
+        ppl = f"{s['final_perplexity']:.2f} | " if lm and s.get("final_perplexity") is not None else (
+            "- | " if lm else "")
+        rows.append(f"| {s['algo']} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {ppl}"
                     f"{s['total_gib']:.4f} | {'-' if g is None else f'{g:.4f}'} | "
                     f"{s['rounds_run']} | {rt:.3f} |")
     return "\n".join([head] + rows)
 
 
+# ----------------------------------------------------------------------------- models and data
+def gpt2_config(args):
+    """The GPT-2 shape: --pretrained's config.json when it is a local folder, else --gpt2-size."""
+    from fslsage_jax.models.gpt2 import GPT2_MEDIUM, GPT2_TINY
+    if args.pretrained and os.path.isdir(args.pretrained):
+        from fslsage_jax.models.gpt2_weights import read_config
+        try:
+            return read_config(args.pretrained)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--pretrained {args.pretrained}: cannot read its config.json ({e})")
+    return GPT2_TINY if args.gpt2_size == "tiny" else GPT2_MEDIUM
+
+
+def make_split(args, input_shape: tuple, num_classes: int, transform=None, input_dtype=None):
+    """The split model for the flags; exit 2 if it cannot take these inputs."""
+    from fslsage_jax.models import MODELS
+    if args.model in LM_MODELS:
+        from fslsage_jax.models.gpt2 import make_gpt2
+        try:
+            return make_gpt2(gpt2_config(args), args.seq_len)
+        except ValueError as e:
+            fail(f"--seq-len {args.seq_len}: {e}")
+    check_model_input(args.model, args.dataset, input_shape, num_classes)
+    try:
+        split = MODELS[args.model](tuple(input_shape), num_classes)
+    except Exception as e:  # noqa: BLE001 (any failure to build the model on these shapes)
+        fail(f"--model {args.model}: cannot be built for --dataset {args.dataset} inputs of shape "
+             f"{tuple(input_shape)} ({type(e).__name__}: {e})")
+    if transform is not None:
+        split = dataclasses.replace(split, input_fn=transform, input_dtype=input_dtype)
+    return split
+
+
+def describe_model(args) -> dict:
+    """``--describe``: the split's counts from shapes only (no data is loaded)."""
+    from fslsage_jax.data import dataset_shape
+    from fslsage_jax.split import describe
+    if args.model in LM_MODELS:
+        split = make_split(args, (args.seq_len,), 0)
+    else:
+        shape, classes = dataset_shape(args.dataset)
+        split = make_split(args, shape, classes)
+    try:
+        return describe(split)
+    except Exception as e:  # noqa: BLE001
+        fail(f"--model {args.model}: cannot be built for --dataset {args.dataset} ({type(e).__name__}: {e})")
+
+
+def _subset(ds, args):
+    n_tr = args.train_subset or len(ds.y_train)
+    n_te = args.eval_subset or len(ds.y_test)
+    return ds._replace(x_train=ds.x_train[:n_tr], y_train=ds.y_train[:n_tr],
+                       x_test=ds.x_test[:n_te], y_test=ds.y_test[:n_te])
+
+
+def load_task(args):
+    """``(dataset, split model, frozen weights or None, on_finish hook or None)``; exit 2 on
+    missing or unreadable data, tokenizer or weights."""
+    if args.model in LM_MODELS:
+        return load_lm_task(args)
+    from fslsage_jax.data import load_dataset
+    try:
+        ds = load_dataset(args.dataset, seed=args.seed, data_dir=args.data_dir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        where = f"--data-dir {args.data_dir}" if args.data_dir else f"--dataset {args.dataset}"
+        fail(f"{where}: cannot load dataset {args.dataset} ({type(e).__name__}: {e})")
+    ds = _subset(ds, args)
+    split = make_split(args, ds.x_train.shape[1:], ds.num_classes, ds.transform, ds.x_train.dtype)
+    return ds, split, None, None
+
+
+def load_lm_task(args):
+    """E2E + GPT-2: tokenizer, token arrays, pretrained (or random) frozen weights and the
+    end-of-run generation + BLEU hook."""
+    from fslsage_jax.data.e2e import load_e2e
+    from fslsage_jax.models.gpt2_weights import load_gpt2_weights, load_tokenizer, random_init_notice
+    name = args.tokenizer or args.pretrained or "gpt2"
+    try:
+        tok = load_tokenizer(name)
+    except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, ...)
+        fail(f"--tokenizer {name}: cannot load a GPT-2 tokenizer ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}); pass a folder with vocab.json and "
+             f"merges.txt, or a hub name when online")
+    train_split, eval_split = args.e2e_splits.split(",")
+    try:
+        ds = load_e2e(tok, args.data_dir, args.seq_len, train_split=train_split, eval_split=eval_split)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(f"--data-dir {args.data_dir}: cannot load E2E ({type(e).__name__}: {e})")
+    ds = _subset(ds, args)
+    split = make_split(args, (args.seq_len,), ds.num_classes)
+    if ds.num_classes > split.num_classes:
+        fail(f"--tokenizer {name}: vocabulary of {ds.num_classes} tokens is larger than the model's "
+             f"{split.num_classes}")
+    config = gpt2_config(args)
+    frozen = None
+    if args.pretrained:
+        try:
+            w = load_gpt2_weights(args.pretrained, config)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--pretrained {args.pretrained}: {e}")
+        frozen = (w.client, w.server, w.aux)
+    else:
+        print(random_init_notice(config), file=sys.stderr, flush=True)
+    on_finish = make_generation_hook(args, ds, split, tok) if args.generate else None
+    return ds, split, frozen, on_finish
+
+
+def make_generation_hook(args, ds, split, tok):
+    """``on_finish(algo, state)``: greedy decoding of --generate evaluation MRs, corpus BLEU
+    against all their references; prints a few samples, writes generations.json."""
+    def on_finish(algo, state):
+        from fslsage_jax.data.e2e import encode_prompts
+        from fslsage_jax.lm import corpus_bleu, decode_generated, greedy_generate
+        from fslsage_jax.simulate import write_json_atomic
+        n = min(args.generate, len(ds.test_mrs))
+        mrs, refs = ds.test_mrs[:n], ds.test_refs[:n]
+        width = args.seq_len - args.max_new_tokens
+        if width < 1:
+            return {"bleu": None, "generate_error": "--max-new-tokens leaves no room for a prompt"}
+        prompts, lens = encode_prompts(tok, mrs, width)
+        cv, sv = algo.global_model(state)
+        tokens = greedy_generate(split, cv, sv, prompts, lens, args.max_new_tokens, ds.eos_id)
+        hyps = decode_generated(tok, tokens, ds.eos_id)
+        bleu = corpus_bleu(hyps, refs)
+        for mr, h in list(zip(mrs, hyps))[:3]:
+            print(f"  MR: {mr}\n  -> {h}", flush=True)
+        print(f"BLEU on {n} evaluation meaning representations: {bleu:.2f}", flush=True)
+        if args.out:
+            run_dir = os.path.join(args.out, algo.name) if args.algo == "all" else args.out
+            write_json_atomic(os.path.join(run_dir, "generations.json"),
+                              [{"mr": m, "hypothesis": h, "references": r}
+                               for m, h, r in zip(mrs, hyps, refs)])
+        return {"bleu": bleu, "generated": n}
+    return on_finish
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    preset = preset_of(argv)
+    args = build_parser(preset).parse_args(argv)
+    if preset and not args.resume:
+        from fslsage_jax.presets import preset_defaults
+        given = explicit_flags(argv)
+        print(f"preset {preset}: " + ", ".join(
+            f"{_flag(k)} {v}" + (f" (overridden: {given[k]})" if k in given else "")
+            for k, v in preset_defaults(preset).items()), file=sys.stderr, flush=True)
     if args.resume:
         args = resume_args(args, argv)
     validate(args)
@@ -355,25 +592,11 @@ def main(argv=None) -> int:
         args.out = args.out or os.path.join("runs", f"{args.algo}-{args.dataset}-{stamp}")
         check_out(args.out, args.overwrite, bool(args.resume))
 
-    from fslsage_jax.data import load_dataset, partition, to_client_arrays
-    from fslsage_jax.models import MODELS
-    from fslsage_jax.split import describe
-
-    try:
-        ds = load_dataset(args.dataset, seed=args.seed, data_dir=args.data_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        where = f"--data-dir {args.data_dir}" if args.data_dir else f"--dataset {args.dataset}"
-        fail(f"{where}: cannot load dataset {args.dataset} ({type(e).__name__}: {e})")
-    check_model_input(args.model, args.dataset, ds.x_train.shape[1:], ds.num_classes)
-    try:
-        split = MODELS[args.model](ds.x_train.shape[1:], ds.num_classes)
-        described = describe(split)
-    except Exception as e:  # noqa: BLE001 (any failure to build the model on these shapes)
-        fail(f"--model {args.model}: cannot be built for --dataset {args.dataset} inputs of shape "
-             f"{tuple(ds.x_train.shape[1:])} ({type(e).__name__}: {e})")
     if args.describe:
-        print(json.dumps(described, indent=2))
+        print(json.dumps(describe_model(args), indent=2))
         return 0
+    ds, split, frozen, on_finish = load_task(args)
+    from fslsage_jax.data import partition, to_client_arrays
 
     n_train = len(ds.y_train)
     if args.num_clients > n_train:
@@ -399,6 +622,7 @@ def main(argv=None) -> int:
         args.strategy = auto_strategy(jax.default_backend(), tuple(ds.x_train.shape[1:]))
     cfg = Config(num_clients=args.num_clients, local_epochs=args.local_epochs,
                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                 optimizer=args.optimizer, adam_eps=args.adam_eps, warmup_steps=args.warmup_steps,
                  server_update_interval=args.server_update_interval,
                  align_interval=args.align_interval, align_epochs=args.align_epochs,
                  align_batch_size=args.align_batch_size, align_buffer_size=args.align_buffer_size,
@@ -433,7 +657,8 @@ def main(argv=None) -> int:
                                out_dir=run_dir, target_accuracy=args.target_accuracy,
                                progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
                                resume=plan == "resume", stop_requested=stop,
-                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                               log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                               frozen=frozen, on_finish=on_finish)
             summaries.append(s)
             print(f"{name}: accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}), "
                   f"{s['total_gib']:.4f} GiB, {s['rounds_run']} rounds, stop: {s['stop_reason']}, "

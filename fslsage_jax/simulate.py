@@ -122,7 +122,8 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
                    out_dir: str | None = None, target_accuracy: float = 0.9,
                    progress: bool = True, log: Callable[[str], None] | None = None,
                    checkpoint_every: int | None = None, keep_checkpoints: int = 3,
-                   resume: bool = False, stop_requested: Callable[[], bool] | None = None) -> dict:
+                   resume: bool = False, stop_requested: Callable[[], bool] | None = None,
+                   frozen: Any = None, on_finish: Callable[[Any, Any], dict] | None = None) -> dict:
     """Train ``algo_name`` for up to ``rounds`` rounds or until the budget is spent.
 
     Args:
@@ -144,6 +145,10 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
         there is none), keeping ``metrics.jsonl``'s records of its rounds.
       stop_requested: polled after every round; True stops the run with a
         checkpoint and stop reason ``interrupted``.
+      frozen: frozen shared weights ``(client, server, aux)`` to use instead of the
+        initial ones (e.g. pretrained GPT-2 weights); never checkpointed.
+      on_finish: ``on_finish(algo, state) -> dict`` called once at the end (not on
+        divergence); its dict is added to the summary (e.g. generation BLEU).
     Returns:
       the summary dict (also written to ``summary.json``).
     """
@@ -157,6 +162,8 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
     test_x, test_y = jnp.asarray(test_x), jnp.asarray(test_y)
     key = jax.random.key(seed)
     state = algo.init(jax.random.fold_in(key, 0))
+    if frozen is not None:
+        state = state._replace(frozen=frozen)
     round_key = jax.random.fold_in(key, 1)
 
     ledger, records, stop_reason, diverged_round = Ledger.empty(), [], "rounds", None
@@ -210,6 +217,8 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
                    "comm_bytes": ledger.total, "comm_gib": ledger.total_gib,
                    "comm": dict(ledger.counts), "round_time_s": round_time,
                    "eval_time_s": time.time() - t1}
+            if split.eval_weight is not None:     # token-weighted loss: log perplexity
+                rec["perplexity"] = math.exp(min(test_loss, 700.0))
             if algo_name == "fsl_sage":
                 rec["grad_cosine"] = (float(acc["cos_sum"] / acc["cos_n"]) if acc["cos_n"] > 0
                                       else None)
@@ -268,6 +277,10 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
         "model_bytes": d["model_bytes"], "cut_shape": d["cut_shape"],
         "client_sample_counts": [int(c) for c in client_data.counts],
     }
+    if split.eval_weight is not None and records:
+        summary["final_perplexity"] = records[-1].get("perplexity")
+    if on_finish is not None and stop_reason != "diverged":
+        summary.update(on_finish(algo, state))
     if out_dir:
         write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
