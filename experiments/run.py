@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fslsage_jax.algorithms.common import STEP_LOOPS, STRATEGIES, Config
     from fslsage_jax.data import DATASETS
     from fslsage_jax.models import MODELS
+    from fslsage_jax.sharding import parse_devices
     c = Config()
     p = argparse.ArgumentParser(
         description="Federated split learning simulation (FSL-SAGE, Nair et al. ICML 2025, and "
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--step-loop", default=c.step_loop, choices=STEP_LOOPS,
       help="scan: a round is one compiled lax.scan over local steps; host: one compiled call "
            "per local step (faster for convolutions on XLA:CPU)")
+    a("--devices", type=parse_devices, default=1,
+      help="shard the client axis over N local devices (N must divide --num-clients); 0 or auto: all")
     a("--describe", action="store_true",
       help="print the model split as JSON (parameter, state and byte counts, cut shape) and exit")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -181,7 +184,8 @@ def main(argv=None) -> int:
         s = run_simulation(name, split, cfg, clients, ds.x_test, ds.y_test, rounds=args.rounds,
                            seed=args.seed, comm_budget_bytes=int(args.comm_budget_gib * 2 ** 30),
                            out_dir=run_dir, target_accuracy=args.target_accuracy,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress,
+                           devices=args.devices)
         summaries.append(s)
         print(f"{name}: accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}), "
               f"{s['total_gib']:.4f} GiB, {s['rounds_run']} rounds, stop: {s['stop_reason']}, "

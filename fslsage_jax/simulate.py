@@ -46,7 +46,8 @@ def gib_to_target(records: list[dict], target: float) -> float | None:
 def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, test_x, test_y, *,
                    rounds: int, seed: int = 0, comm_budget_bytes: int | None = None,
                    out_dir: str | None = None, target_accuracy: float = 0.9,
-                   progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                   progress: bool = True, log: Callable[[str], None] | None = None,
+                   devices: int | str | None = 1) -> dict:
     """Train ``algo_name`` for up to ``rounds`` rounds or until the budget is spent.
 
     Args:
@@ -60,6 +61,8 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
       out_dir: where ``metrics.jsonl`` and ``summary.json`` go (None: nowhere).
       target_accuracy: accuracy whose first crossing is reported in GiB.
       progress: show a progress bar over rounds.
+      devices: shard the client axis over this many local devices (1: no
+        sharding; 0 / None / "auto": all); see :mod:`fslsage_jax.sharding`.
     Returns:
       the summary dict (also written to ``summary.json``).
     """
@@ -74,6 +77,9 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
     key = jax.random.key(seed)
     state = algo.init(jax.random.fold_in(key, 0))
     round_key = jax.random.fold_in(key, 1)
+    if devices != 1:
+        from fslsage_jax import sharding
+        state, data, algo = sharding.shard_all(algo_name, algo, state, data, devices)
 
     ledger, records, stop_reason = Ledger.empty(), [], "rounds"
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w") if out_dir else None
