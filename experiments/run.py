@@ -160,6 +160,12 @@ def main(argv=None) -> int:
     from fslsage_jax.algorithms.common import Config, auto_strategy
     from fslsage_jax.simulate import run_simulation, write_json_atomic
 
+    if args.devices != 1:
+        from fslsage_jax.sharding import check_divisible, client_mesh
+        try:
+            check_divisible(args.num_clients, client_mesh(args.devices))
+        except ValueError as e:
+            fail(f"--devices {args.devices}: {e}")
     if args.strategy == "auto":
         args.strategy = auto_strategy(jax.default_backend(), tuple(ds.x_train.shape[1:]))
     cfg = Config(num_clients=args.num_clients, local_epochs=args.local_epochs,

@@ -52,7 +52,7 @@ def test_bench_tiny_writes_valid_json_and_consistent_ratios(tmp_path, monkeypatc
 
 def test_presets_and_explicit_flags():
     args = bench.parse(["--quick", "--clients", "7", "--batch-size", "8"])
-    assert args.clients == [7] and args.batch_size == 8 and args.algos == ["fed_avg", "fsl_sage"]
+    assert args.clients == [7] and args.batch_size == 8 and args.algos == ["fsl_sage"]
     assert bench.parse_model("cnn:8x8x1") == ("cnn", (8, 8, 1))
     assert bench.parse_model("cnn") == ("cnn", (32, 32, 3))
     with pytest.raises(SystemExit):
