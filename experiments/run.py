@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             fail(f"--devices {args.devices}: {e}")
     if args.strategy == "auto":
-        args.strategy = auto_strategy(jax.default_backend(), tuple(ds.x_train.shape[1:]))
+        args.strategy = auto_strategy(jax.default_backend(), tuple(ds.x_train.shape[1:]), args.num_clients)
     cfg = Config(num_clients=args.num_clients, local_epochs=args.local_epochs,
                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                  server_update_interval=args.server_update_interval,

@@ -76,3 +76,11 @@ def test_state_is_donated(toy, step_loop):
     old_leaves = jax.tree_util.tree_leaves(state.clients)
     assert all(leaf.is_deleted() for leaf in old_leaves)
     assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(new))
+
+
+def test_auto_strategy_falls_back_to_vmap_for_many_clients():
+    from fslsage_jax.algorithms.common import UNROLL_MAX_CLIENTS, auto_strategy
+    assert auto_strategy("cpu", (32, 32, 3), UNROLL_MAX_CLIENTS) == "unroll"
+    assert auto_strategy("cpu", (32, 32, 3), UNROLL_MAX_CLIENTS + 1) == "vmap"
+    assert auto_strategy("cpu", (8, 8, 1), 4) == "vmap"
+    assert auto_strategy("gpu", (32, 32, 3), 4) == "vmap"
