@@ -54,6 +54,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     from fslsage_jax.data import DATASETS
     from fslsage_jax.models import MODELS
     from fslsage_jax.presets import PRESETS
+    from fslsage_jax.sharding import parse_devices
     c = Config()
     p = OneLineParser(
         description="Federated split learning simulation (FSL-SAGE, Nair et al. ICML 2025, and "
@@ -147,6 +148,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     a("--step-loop", default=c.step_loop, choices=STEP_LOOPS,
       help="scan: a round is one compiled lax.scan over local steps; host: one compiled call "
            "per local step (faster for convolutions on XLA:CPU)")
+    a("--devices", type=parse_devices, default=1,
+      help="shard the client axis over N local devices (N must divide --num-clients); 0 or auto: all")
     a("--describe", action="store_true",
       help="print the model split as JSON (parameter, state and byte counts, cut shape) and exit")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -289,7 +292,8 @@ def check_model_input(model: str, dataset: str, input_shape: tuple, num_classes:
 # Every other flag, including flags added later, must match.
 RESUME_MAY_DIFFER = frozenset({"resume", "out", "overwrite", "rounds", "comm_budget_gib",
                                "target_accuracy", "strategy", "step_loop", "chunk_size",
-                               "no_progress", "checkpoint_every", "data_dir", "describe"})
+                               "no_progress", "checkpoint_every", "data_dir", "describe",
+                               "devices", "generate", "max_new_tokens"})
 
 
 def explicit_flags(argv: list[str]) -> dict:
@@ -618,8 +622,14 @@ def main(argv=None) -> int:
     from fslsage_jax.algorithms.common import Config, auto_strategy
     from fslsage_jax.simulate import run_simulation, write_json_atomic
 
+    if args.devices != 1:
+        from fslsage_jax.sharding import check_divisible, client_mesh
+        try:
+            check_divisible(args.num_clients, client_mesh(args.devices))
+        except ValueError as e:
+            fail(f"--devices {args.devices}: {e}")
     if args.strategy == "auto":
-        args.strategy = auto_strategy(jax.default_backend(), tuple(ds.x_train.shape[1:]))
+        args.strategy = auto_strategy(jax.default_backend(), tuple(ds.x_train.shape[1:]), args.num_clients)
     cfg = Config(num_clients=args.num_clients, local_epochs=args.local_epochs,
                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                  optimizer=args.optimizer, adam_eps=args.adam_eps, warmup_steps=args.warmup_steps,
@@ -658,7 +668,7 @@ def main(argv=None) -> int:
                                progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
                                resume=plan == "resume", stop_requested=stop,
                                log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                               frozen=frozen, on_finish=on_finish)
+                               frozen=frozen, on_finish=on_finish, devices=args.devices)
             summaries.append(s)
             print(f"{name}: accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}), "
                   f"{s['total_gib']:.4f} GiB, {s['rounds_run']} rounds, stop: {s['stop_reason']}, "

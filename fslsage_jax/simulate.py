@@ -123,7 +123,8 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
                    progress: bool = True, log: Callable[[str], None] | None = None,
                    checkpoint_every: int | None = None, keep_checkpoints: int = 3,
                    resume: bool = False, stop_requested: Callable[[], bool] | None = None,
-                   frozen: Any = None, on_finish: Callable[[Any, Any], dict] | None = None) -> dict:
+                   frozen: Any = None, on_finish: Callable[[Any, Any], dict] | None = None,
+                   devices: int | str | None = 1) -> dict:
     """Train ``algo_name`` for up to ``rounds`` rounds or until the budget is spent.
 
     Args:
@@ -149,6 +150,8 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
         initial ones (e.g. pretrained GPT-2 weights); never checkpointed.
       on_finish: ``on_finish(algo, state) -> dict`` called once at the end (not on
         divergence); its dict is added to the summary (e.g. generation BLEU).
+      devices: shard the client axis over this many local devices (1: no
+        sharding; 0 / None / "auto": all); see :mod:`fslsage_jax.sharding`.
     Returns:
       the summary dict (also written to ``summary.json``).
     """
@@ -187,6 +190,9 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
             f"{ckpt.path if ckpt else 'the start (no checkpoint yet)'}")
     if metrics_path:
         truncate_metrics(metrics_path, records)
+    if devices != 1:
+        from fslsage_jax import sharding
+        state, data, algo = sharding.shard_all(algo_name, algo, state, data, devices)
 
     def save_checkpoint(done: int) -> None:
         if not (out_dir and checkpoint_every):

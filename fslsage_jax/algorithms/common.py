@@ -19,17 +19,22 @@ STRATEGIES = ("vmap", "map", "chunked", "unroll")
 STEP_LOOPS = ("scan", "host")
 
 
-def auto_strategy(backend: str, input_shape: tuple) -> str:
+UNROLL_MAX_CLIENTS = 16
+
+
+def auto_strategy(backend: str, input_shape: tuple, num_clients: int | None = None) -> str:
     """The client-axis strategy measured fastest for a backend and input shape.
 
     Measured on a 2-core XLA:CPU (jax 0.10.2, the ``cnn`` model, host step
-    loop): for 8x8 digits ``vmap`` is about 2x faster than ``unroll`` and 6-10x
-    faster than ``map``/``chunked``; for 32x32x3 images ``vmap`` lowers the
+    loop; see BENCHMARKS.md): for 8x8 digits ``vmap`` is fastest (1.4-2x
+    ``unroll``, 3-10x ``map``/``chunked``); for 32x32x3 images ``vmap`` lowers the
     per-client convolutions to slow grouped convolutions and ``unroll`` is
-    3.4x faster (185 vs 55 samples/s, 4 clients, batch 32). Other backends get
-    ``vmap`` until measured otherwise.
+    faster (3.4x: 185 vs 55 samples/s, 4 clients, batch 32). ``unroll`` traces every client separately (compile time and program
+    size grow with m), so above ``UNROLL_MAX_CLIENTS`` clients ``vmap`` is used.
+    Other backends get ``vmap`` until measured otherwise.
     """
-    if backend == "cpu" and len(input_shape) == 3 and input_shape[0] * input_shape[1] > 16 * 16:
+    small = num_clients is None or num_clients <= UNROLL_MAX_CLIENTS
+    if backend == "cpu" and small and len(input_shape) == 3 and input_shape[0] * input_shape[1] > 16 * 16:
         return "unroll"
     return "vmap"
 

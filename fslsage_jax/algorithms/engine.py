@@ -116,7 +116,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
         return state._replace(round=state.round + 1)
 
     if cfg.step_loop == "scan":
-        @jax.jit
+        @jax.jit(donate_argnums=(0,))
         def compiled(state, data, key):
             orders, kstep = begin(data, key)
             def body(carry, t):

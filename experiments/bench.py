@@ -1,0 +1,531 @@
+#!/usr/bin/env python
+"""Measure how fast a federated round runs, against two references on the same samples.
+
+For every algorithm x model x number of clients x client-axis strategy x step
+loop it times, after a warm-up round, the round of the compiled engine
+(median of --rounds rounds), its compile time (first round minus the steady
+median), samples per second and memory, and two references:
+
+  loop:  the same algorithm driven by a Python loop over clients that calls a
+         jitted single-client step (the client step, and for split algorithms
+         the server step, per client): how the original code and most FL
+         frameworks run a round;
+  limit: one jitted centralised train step of client+server (no federation)
+         over the same number of samples in the same batch size.
+
+It prints the ratios loop/ours (speed-up over the loop) and ours/limit
+(overhead over centralised training), and writes JSON and a markdown table.
+
+    python experiments/bench.py --quick                     # under a minute on a laptop CPU
+    python experiments/bench.py --models cnn:32x32x3 resnet18:32x32x3 --clients 10 100 1000
+    python experiments/bench.py --large                     # 1,000 and 10,000 clients, chunked
+    python experiments/bench.py --devices 8 --clients 64    # client axis over 8 devices
+
+Data are synthetic arrays of the real shapes. Memory: peak device memory from
+``device.memory_stats()`` where the backend has it (GPU/TPU), else the
+process resident set size (CPU; ``memory_source`` says which). Steady rounds
+of FSL-SAGE skip alignment (it runs every ``align_interval`` rounds, in round
+0 here); the loop reference skips it too.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+ALGOS = ("fed_avg", "sl_multi_server", "sl_single_server", "cse_fsl", "fsl_sage")
+STRATEGIES = ("vmap", "map", "chunked", "unroll")
+# Default input shape per model name (``NAME:SHAPE`` on the command line overrides it).
+# Hook for the tiny GPT-2: add "gpt2": "128" (a sequence length); integer inputs are drawn
+# as tokens in [0, num_classes) and labels of ``split.label_shape`` (see ``synthetic``).
+DEFAULT_SHAPES = {"cnn": "32x32x3", "cnn16": "8x8x1", "resnet18": "32x32x3"}
+NUM_CLASSES = 10
+
+
+# ----------------------------------------------------------------------------- models and data
+def bench_models() -> dict:
+    """``fslsage_jax.models.MODELS`` plus ``cnn16``: the cnn with 16 instead of 64 conv
+    channels, small enough for 10,000 clients on one device."""
+    from fslsage_jax.models import MODELS
+    from fslsage_jax.models.cnn import CNNClient, CNNServer, LinearAux
+    from fslsage_jax.split import SplitModel
+
+    def cnn16(shape, k):
+        return SplitModel("cnn16", CNNClient(features=16), CNNServer(k), LinearAux(k), tuple(shape), k)
+    return {**MODELS, "cnn16": cnn16}
+
+
+def parse_model(spec: str) -> tuple[str, tuple]:
+    """``"cnn:32x32x3"`` -> ``("cnn", (32, 32, 3))``; a bare name takes its default shape."""
+    name, _, shape = spec.partition(":")
+    shape = shape or DEFAULT_SHAPES.get(name, "32x32x3")
+    return name, tuple(int(s) for s in shape.lower().split("x"))
+
+
+def synthetic(split, m: int, n: int, seed: int = 0):
+    """Client arrays of the model's real input shape: ``ClientArrays(x [m,n,...], y [m,n,...], counts)``."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fslsage_jax.algorithms.engine import ClientArrays
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(np.dtype(split.input_dtype), np.integer):     # token models (GPT-2 hook)
+        x = rng.integers(0, split.num_classes, (m, n, *split.input_shape)).astype(split.input_dtype)
+    else:
+        x = rng.standard_normal((m, n, *split.input_shape), np.float32)
+    y = rng.integers(0, split.num_classes, (m, n, *split.label_shape)).astype(np.int32)
+    return ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.full((m,), n, jnp.int32))
+
+
+# ----------------------------------------------------------------------------- memory
+def memory_now() -> dict:
+    """Peak device bytes where the backend reports them, else process RSS (current and peak)."""
+    import jax
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:   # noqa: BLE001 - backends without memory stats raise or return None
+        stats = None
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        rss = rss_peak
+    out = {"rss_bytes": rss, "rss_peak_bytes": rss_peak}
+    if stats and "peak_bytes_in_use" in stats:
+        out.update(device_peak_bytes=int(stats["peak_bytes_in_use"]),
+                   device_in_use_bytes=int(stats.get("bytes_in_use", 0)))
+    return out
+
+
+def state_bytes(state, algo_name: str, m: int) -> dict:
+    """Bytes of the state per client (fields with a client axis, divided by m) and shared."""
+    from fslsage_jax.sharding import client_fields
+    from fslsage_jax.split import tree_bytes
+    per = set(client_fields(algo_name))
+    client = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f in per and v is not None)
+    shared = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f not in per and v is not None)
+    return {"state_bytes_per_client": client / m, "state_bytes_shared": shared,
+            "state_bytes_total": client + shared}
+
+
+# ----------------------------------------------------------------------------- the engine
+def _block(tree):
+    import jax
+    return jax.block_until_ready(tree)
+
+
+def time_engine(algo_name, split, cfg, data, rounds: int, devices=1) -> dict:
+    """Time ``rounds`` steady rounds of the compiled engine after one warm-up round."""
+    import jax
+
+    from fslsage_jax.algorithms import ALGORITHMS
+    n_max = data.x.shape[1]
+    algo = ALGORITHMS[algo_name](split, cfg, n_max)
+    mem0 = memory_now()
+    state = _block(algo.init(jax.random.key(0)))
+    if devices != 1:
+        from fslsage_jax.sharding import shard_all
+        state, data, algo = shard_all(algo_name, algo, state, data, devices)
+    sizes = state_bytes(state, algo_name, cfg.num_clients)
+    t0 = time.perf_counter()
+    state, _ = algo.run_round(state, data, jax.random.key(1))
+    _block(state)
+    first = time.perf_counter() - t0
+    times = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        state, metrics = algo.run_round(state, data, jax.random.key(2 + r))
+        _block(state)
+        times.append(time.perf_counter() - t0)
+    mem1 = memory_now()
+    med = statistics.median(times)
+    samples = cfg.local_epochs * int(sum(int(c) for c in data.counts))
+    out = {"round_s": med, "round_s_all": times, "first_round_s": first,
+           "compile_s": max(first - med, 0.0), "samples_per_round": samples, "samples_per_s": samples / med,
+           "train_loss": float(metrics["loss_sum"] / max(metrics["loss_n"], 1.0)), **sizes}
+    if "device_peak_bytes" in mem1:
+        out.update(memory_source="device.memory_stats peak_bytes_in_use (process-wide peak)",
+                   peak_memory_bytes=mem1["device_peak_bytes"])
+    else:
+        out.update(memory_source="process RSS (CPU: no device memory stats)",
+                   peak_memory_bytes=mem1["rss_peak_bytes"])
+    out.update(rss_bytes=mem1["rss_bytes"], rss_growth_bytes=mem1["rss_bytes"] - mem0["rss_bytes"])
+    del state
+    return out
+
+
+# ----------------------------------------------------------------------------- reference (a): per-client loop
+def make_client_steps(algo_name: str, split, cfg):
+    """Jitted single-client steps of ``algo_name`` and a function running one local step of one client.
+
+    Returns ``step(st, i, x, y, w, k, rng)`` that updates the per-client lists in ``st``
+    (``c``, ``co``, ``s``, ``so``, ``a``, ``ao``, ``buf``) in place for client ``i``.
+    """
+    import jax
+
+    from fslsage_jax.algorithms import steps
+    from fslsage_jax.algorithms.common import buffer_push, make_optimizer
+    opt = make_optimizer(cfg.lr, cfg.weight_decay)
+    q = cfg.server_update_interval
+
+    @jax.jit
+    def full(cv, sv, os, x, y, w, rng):
+        return steps.full_step(split, opt, cv, sv, os, x, y, w, rng)[:3]
+
+    @jax.jit
+    def split_step(cv, co, sv, so, x, y, w, rng):
+        kc, ks = jax.random.split(rng)
+        z, vjp_fn, cs = steps.client_forward(split, cv, x, kc)
+        sv, so, gz, _ = steps.server_step(split, opt, sv, so, z, y, w, ks)
+        cv, co = steps.client_backward(opt, cv, co, vjp_fn, gz, cs)
+        return cv, co, sv, so
+
+    @jax.jit
+    def local(cv, co, av, ao, x, y, w, rng):
+        return steps.local_aux_step(split, opt, opt, cv, co, av, ao, x, y, w, rng)[:5]
+
+    @jax.jit
+    def serve(sv, so, z, y, w, rng):
+        return steps.server_step(split, opt, sv, so, z, y, w, rng)[:2]
+
+    @jax.jit
+    def serve_push(sv, so, buf, z, y, w, rng):
+        sv, so = steps.server_step(split, opt, sv, so, z, y, w, rng)[:2]
+        return sv, so, buffer_push(buf, z, y, w)
+
+    @jax.jit
+    def sage_local(cv, co, av, x, y, w, rng):
+        z, vjp_fn, cs = steps.client_forward(split, cv, x, rng)
+        g_hat = steps.aux_grad_estimate(split, av, z, y, w)
+        cv, co = steps.client_backward(opt, cv, co, vjp_fn, g_hat, cs)
+        return cv, co, z
+
+    def step(st, i, x, y, w, k, rng):
+        if algo_name == "fed_avg":
+            st["c"][i], st["s"][i], st["co"][i] = full(st["c"][i], st["s"][i], st["co"][i], x, y, w, rng)
+        elif algo_name == "sl_multi_server":
+            st["c"][i], st["co"][i], st["s"][i], st["so"][i] = split_step(
+                st["c"][i], st["co"][i], st["s"][i], st["so"][i], x, y, w, rng)
+        elif algo_name == "sl_single_server":
+            st["c"][i], st["co"][i], st["s"], st["so"] = split_step(
+                st["c"][i], st["co"][i], st["s"], st["so"], x, y, w, rng)
+        elif algo_name == "cse_fsl":
+            st["c"][i], st["co"][i], st["a"][i], st["ao"][i], z = local(
+                st["c"][i], st["co"][i], st["a"][i], st["ao"][i], x, y, w, rng)
+            if k % q == 0:
+                st["s"], st["so"] = serve(st["s"], st["so"], z, y, w, rng)
+        elif algo_name == "fsl_sage":
+            st["c"][i], st["co"][i], z = sage_local(st["c"][i], st["co"][i], st["a"][i], x, y, w, rng)
+            if k % q == 0:
+                st["s"], st["so"], st["buf"][i] = serve_push(st["s"], st["so"], st["buf"][i], z, y, w, rng)
+        else:
+            raise ValueError(f"unknown algorithm {algo_name!r}")
+    return step
+
+
+FIELDS = {"c": "clients", "co": "client_opt", "s": "server", "so": "server_opt", "a": "aux",
+          "ao": "aux_opt", "buf": "buffer"}
+
+
+def time_loop(algo_name, split, cfg, data, rounds: int, max_clients: int) -> dict:
+    """Reference (a): a Python loop over clients calling jitted single-client steps.
+
+    Measured on the first ``min(m, max_clients)`` clients (every client costs the
+    same: same shard size and steps) and scaled linearly to m clients.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from fslsage_jax.algorithms import ALGORITHMS
+    from fslsage_jax.algorithms.common import steps_per_epoch, weighted_average
+    from fslsage_jax.sharding import client_fields
+    m, n = cfg.num_clients, data.x.shape[1]
+    k = min(m, max_clients)
+    B = cfg.batch_size
+    state = ALGORITHMS[algo_name](split, cfg, n).init(jax.random.key(0))
+    per = client_fields(algo_name)
+    st = {}
+    for short, f in FIELDS.items():
+        v = getattr(state, f)
+        if v is None:
+            continue
+        st[short] = ([jax.tree_util.tree_map(lambda a, i=i: a[i], v) for i in range(k)]
+                     if f in per else v)
+    del state
+    step = make_client_steps(algo_name, split, cfg)
+    avg = jax.jit(lambda items, w: weighted_average(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *items), w))
+    weights = jnp.ones((k,), jnp.float32)
+    w = jnp.ones((B,), jnp.float32)
+    num_steps = cfg.local_epochs * steps_per_epoch(n, B)
+    xs = [[data.x[i, s * B:(s + 1) * B] for s in range(n // B)] for i in range(k)]
+    ys = [[data.y[i, s * B:(s + 1) * B] for s in range(n // B)] for i in range(k)]
+    keys = jax.random.split(jax.random.key(3), (num_steps, k))
+    keys = [[keys[t, i] for i in range(k)] for t in range(num_steps)]
+
+    def one_round():
+        for t in range(num_steps):
+            for i in range(k):
+                s = t % (n // B)
+                step(st, i, xs[i][s], ys[i][s], w, t, keys[t][i])
+        for short in ("c", "a") if algo_name == "cse_fsl" else ("c",):
+            st[short] = [avg(st[short], weights)] * k
+        if algo_name in ("fed_avg", "sl_multi_server"):
+            st["s"] = [avg(st["s"], weights)] * k
+        return _block([st[s] for s in st])
+
+    times = []
+    for r in range(rounds + 1):
+        t0 = time.perf_counter()
+        one_round()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times[1:])
+    return {"loop_round_s": med * m / k, "loop_first_round_s": times[0] * m / k, "loop_clients_measured": k}
+
+
+# ----------------------------------------------------------------------------- reference (b): centralised limit
+def time_limit(split, cfg, data, rounds: int, max_steps: int) -> dict:
+    """Reference (b): one jitted centralised client+server train step, looped over the same
+    number of samples in the same batch size (measured on ``max_steps`` steps, scaled)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fslsage_jax.algorithms import steps
+    from fslsage_jax.algorithms.common import make_optimizer
+    from fslsage_jax.split import init_split
+    B = cfg.batch_size
+    opt = make_optimizer(cfg.lr, cfg.weight_decay)
+    cv, sv, _ = init_split(split, jax.random.key(0))
+    os_ = opt.init((cv.params, sv.params))
+    xs = data.x.reshape(-1, B, *data.x.shape[2:])
+    ys = data.y.reshape(-1, B, *data.y.shape[2:])
+    total = cfg.local_epochs * xs.shape[0]
+    todo = min(total, max_steps)
+    w = jnp.ones((B,), jnp.float32)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(cv, sv, os_, xs, ys, j, rng):
+        x = jax.lax.dynamic_index_in_dim(xs, j % xs.shape[0], 0, keepdims=False)
+        y = jax.lax.dynamic_index_in_dim(ys, j % ys.shape[0], 0, keepdims=False)
+        return steps.full_step(split, opt, cv, sv, os_, x, y, w, rng)[:3]
+
+    key = jax.random.key(4)
+    cv, sv, os_ = _block(train_step(cv, sv, os_, xs, ys, jnp.int32(0), key))     # compile
+    times = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for j in range(todo):
+            cv, sv, os_ = train_step(cv, sv, os_, xs, ys, jnp.int32(j), key)
+        _block((cv, sv, os_))
+        times.append(time.perf_counter() - t0)
+    return {"limit_round_s": statistics.median(times) * total / todo, "limit_steps_measured": todo,
+            "limit_steps": total}
+
+
+# ----------------------------------------------------------------------------- the sweep
+def estimate_bytes(algo_name, split, cfg, n_max) -> int:
+    """State plus data bytes of a config, from shapes only (nothing allocated)."""
+    import jax
+    import numpy as np
+
+    from fslsage_jax.algorithms import ALGORITHMS
+    from fslsage_jax.split import tree_bytes
+    shapes = jax.eval_shape(ALGORITHMS[algo_name](split, cfg, n_max).init, jax.random.key(0))
+    data = cfg.num_clients * n_max * (int(np.prod(split.input_shape)) * np.dtype(split.input_dtype).itemsize
+                                      + 4 * max(1, int(np.prod(split.label_shape))))
+    return tree_bytes(shapes) + data
+
+
+def run_config(args, algo_name, model_name, shape, m, strategy, loop, models) -> dict:
+    """Measure one configuration; returns a result row (with ``skipped`` set when not run)."""
+    from fslsage_jax.algorithms.common import Config
+    split = models[model_name](shape, NUM_CLASSES)
+    n = args.samples_per_client
+    cfg = Config(num_clients=m, local_epochs=args.local_epochs, batch_size=args.batch_size,
+                 strategy=strategy, chunk_size=args.chunk_size, step_loop=loop,
+                 align_buffer_size=args.align_buffer_size, align_batch_size=min(1000, args.align_buffer_size),
+                 align_epochs=args.align_epochs)
+    row = {"algo": algo_name, "model": model_name, "input_shape": list(shape), "clients": m,
+           "samples_per_client": n, "batch_size": args.batch_size, "local_epochs": args.local_epochs,
+           "strategy": strategy, "chunk_size": args.chunk_size if strategy == "chunked" else None,
+           "step_loop": loop, "devices": args.devices}
+    est = estimate_bytes(algo_name, split, cfg, n)
+    row["estimated_bytes"] = est
+    if est > args.max_gib * 2 ** 30:
+        row["skipped"] = f"state+data {est / 2 ** 30:.1f} GiB > --max-gib {args.max_gib}"
+        return row
+    data = synthetic(split, m, n)
+    row.update(time_engine(algo_name, split, cfg, data, args.rounds, args.devices))
+    if not args.no_loop:
+        row.update(time_loop(algo_name, split, cfg, data, args.rounds, args.loop_clients))
+        row["loop_over_ours"] = row["loop_round_s"] / row["round_s"]
+    if not args.no_limit:
+        row.update(time_limit(split, cfg, data, args.rounds, args.limit_steps))
+        row["ours_over_limit"] = row["round_s"] / row["limit_round_s"]
+    return row
+
+
+def _fmt(v, spec=".3g"):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The result rows as a markdown table."""
+    head = ("| model | input | algo | m | strategy | loop | s/round | compile s | samples/s | "
+            "loop s/round | limit s/round | loop/ours | ours/limit | state/client KiB | peak MiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        strat = r["strategy"] + (f"({r['chunk_size']})" if r.get("chunk_size") else "")
+        shape = "x".join(map(str, r["input_shape"]))
+        if r.get("skipped"):
+            lines.append(f"| {r['model']} | {shape} | {r['algo']} | {r['clients']} | {strat} | "
+                         f"{r['step_loop']} | skipped: {r['skipped']} |||||||||")
+            continue
+        loop_s = r.get("loop_round_s")
+        if loop_s is not None and r.get("loop_clients_measured", r["clients"]) < r["clients"]:
+            loop_s_txt = f"{loop_s:.3g}*"
+        else:
+            loop_s_txt = _fmt(loop_s)
+        lines.append(
+            f"| {r['model']} | {shape} | {r['algo']} | {r['clients']} | {strat} | {r['step_loop']} | "
+            f"{r['round_s']:.3g} | {r['compile_s']:.3g} | {r['samples_per_s']:.4g} | {loop_s_txt} | "
+            f"{_fmt(r.get('limit_round_s'))} | {_fmt(r.get('loop_over_ours'), '.2f')} | "
+            f"{_fmt(r.get('ours_over_limit'), '.2f')} | {r['state_bytes_per_client'] / 1024:.1f} | "
+            f"{r['peak_memory_bytes'] / 2 ** 20:.0f} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    """Device, versions, date: what a table needs to be read."""
+    import jax
+    d = jax.devices()[0]
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
+            "backend": jax.default_backend(), "device": getattr(d, "device_kind", str(d)),
+            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+
+
+PRESETS = {
+    # about a minute on a 2-core CPU: the smallest meaningful comparison
+    "quick": {"algos": ["fsl_sage"], "models": ["cnn:8x8x1"], "clients": [10],
+              "strategies": ["vmap"], "step_loops": ["host"], "rounds": 2, "samples_per_client": 32,
+              "batch_size": 16, "loop_clients": 10, "limit_steps": 20, "align_buffer_size": 64,
+              "align_epochs": 1},
+    # seconds (plus compilation): the smallest run of the whole pipeline
+    "tiny": {"algos": ["fed_avg"], "models": ["cnn16:8x8x1"], "clients": [4], "strategies": ["vmap"],
+             "step_loops": ["host"], "rounds": 1, "samples_per_client": 16, "batch_size": 8,
+             "loop_clients": 2, "limit_steps": 4, "align_buffer_size": 16, "align_epochs": 1},
+    # large-client simulation on one device
+    "large": {"algos": ["fsl_sage", "sl_single_server"], "models": ["cnn16:8x8x1"], "clients": [1000, 10000],
+              "strategies": ["chunked"], "chunk_size": 500, "step_loops": ["host"], "rounds": 2,
+              "samples_per_client": 32, "batch_size": 32, "loop_clients": 20, "limit_steps": 200,
+              "align_buffer_size": 32, "align_epochs": 1},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Times the compiled round against a per-client Python "
+        "loop of jitted steps and against centralised training of the same samples.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--algos", nargs="+", default=list(ALGOS), choices=ALGOS, help="algorithms to time")
+    a("--models", nargs="+", default=None,
+      help="models as NAME[:HxWxC] from fslsage_jax.models.MODELS (plus cnn16, a narrow cnn); "
+           "default: cnn:8x8x1 cnn:32x32x3, and resnet18:32x32x3 when that model exists")
+    a("--clients", nargs="+", type=int, default=[10, 100, 1000], help="numbers of clients m")
+    a("--strategies", nargs="+", default=["vmap", "map", "chunked", "unroll"], choices=STRATEGIES,
+      help="client-axis strategies (unroll only up to --unroll-max-clients)")
+    a("--chunk-size", type=int, default=8, help="clients per vmapped chunk for the chunked strategy")
+    a("--step-loops", nargs="+", default=["host", "scan"], choices=("host", "scan"),
+      help="host: one compiled call per local step; scan: a round is one compiled lax.scan")
+    a("--batch-size", type=int, default=32, help="local minibatch size B (also the limit's batch)")
+    a("--samples-per-client", type=int, default=64, help="shard size n per client (a multiple of B)")
+    a("--local-epochs", type=int, default=1, help="local epochs E per round")
+    a("--rounds", type=int, default=3, help="timed rounds after the warm-up round (median reported)")
+    a("--align-buffer-size", type=int, default=64, help="FSL-SAGE FIFO per client (memory per client)")
+    a("--align-epochs", type=int, default=1, help="FSL-SAGE alignment passes (round 0 only here)")
+    a("--unroll-max-clients", type=int, default=16, help="skip unroll above this many clients")
+    a("--loop-clients", type=int, default=10,
+      help="time the per-client loop on at most this many clients and scale linearly to m (marked *)")
+    a("--limit-steps", type=int, default=200,
+      help="time the centralised limit on at most this many steps and scale linearly")
+    a("--no-loop", action="store_true", help="skip the per-client loop reference")
+    a("--no-limit", action="store_true", help="skip the centralised limit reference")
+    a("--max-gib", type=float, default=8.0, help="skip configs whose state+data exceed this many GiB")
+    a("--devices", type=int, default=1, help="shard the client axis over this many local devices")
+    a("--out", default="bench-results", help="directory for bench.json and bench.md")
+    a("--quick", action="store_true", help="preset: under a minute on CPU (fsl_sage, cnn 8x8x1, 10 clients, vmap)")
+    a("--tiny", action="store_true", help="preset: a few seconds (for tests)")
+    a("--large", action="store_true",
+      help="preset: 1,000 and 10,000 clients with 32 samples each, cnn16 8x8x1, chunked, one device")
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Parse arguments; a preset overrides the defaults but not flags given explicitly."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    for name in ("quick", "tiny", "large"):
+        if getattr(args, name):
+            p.set_defaults(**PRESETS[name])
+            args = p.parse_args(argv)
+            break
+    if args.models is None:
+        from fslsage_jax.models import MODELS
+        args.models = ["cnn:8x8x1", "cnn:32x32x3"] + (["resnet18:32x32x3"] if "resnet18" in MODELS else [])
+    if args.samples_per_client % args.batch_size:
+        p.error(f"--samples-per-client {args.samples_per_client} must be a multiple of --batch-size "
+                f"{args.batch_size}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    models = bench_models()
+    for spec in args.models:
+        if parse_model(spec)[0] not in models:
+            print(f"error: unknown model {spec!r}; known: {sorted(models)}", file=sys.stderr)
+            return 2
+    os.makedirs(args.out, exist_ok=True)
+    env = environment()
+    print(f"# {env['device']} ({env['backend']}, {env['device_count']} device(s)), jax {env['jax']}, "
+          f"{env['date']}", flush=True)
+    rows = []
+    for spec in args.models:
+        name, shape = parse_model(spec)
+        for m in args.clients:
+            for algo_name in args.algos:
+                for strategy in args.strategies:
+                    if strategy == "unroll" and m > args.unroll_max_clients:
+                        continue
+                    for loop in args.step_loops:
+                        row = run_config(args, algo_name, name, shape, m, strategy, loop, models)
+                        rows.append(row)
+                        print(markdown([row]).splitlines()[-1], flush=True)
+                        with open(os.path.join(args.out, "bench.json"), "w") as f:
+                            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    table = markdown(rows)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}\n\n"
+                f"`{env['command']}`\n\n{table}\n\n* loop time measured on fewer clients and scaled "
+                f"linearly.\n")
+    print("\n" + table)
+    print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
