@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-limit", action="store_true", help="skip the centralised limit reference")
     a("--max-gib", type=float, default=8.0, help="skip configs whose state+data exceed this many GiB")
     a("--devices", type=int, default=1, help="shard the client axis over this many local devices")
-    a("--out", default="bench-results", help="directory for bench.json and bench.md")
+    a("--out", default=os.path.join("runs", "bench"), help="directory for bench.json and bench.md")
     a("--quick", action="store_true", help="preset: under a minute on CPU (fsl_sage, cnn 8x8x1, 10 clients, vmap)")
     a("--tiny", action="store_true", help="preset: a few seconds (for tests)")
     a("--large", action="store_true",
