@@ -102,7 +102,7 @@ def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3) -> Ch
     """
     import orbax.checkpoint as ocp
 
-    root = os.path.join(run_dir, CKPT_DIR)
+    root = os.path.join(os.path.abspath(run_dir), CKPT_DIR)     # orbax needs absolute paths
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"round_{rounds:06d}")
     tmp = os.path.join(root, f".tmp-round_{rounds:06d}")
@@ -169,7 +169,7 @@ def restore(ckpt: Checkpoint, template: Any) -> Any:
                 for i, x in enumerate(leaves)}
     ckptr = ocp.StandardCheckpointer()
     try:
-        loaded = ckptr.restore(os.path.join(ckpt.path, "state"), abstract)
+        loaded = ckptr.restore(os.path.join(os.path.abspath(ckpt.path), "state"), abstract)
     finally:
         ckptr.close()
     state = jax.tree_util.tree_unflatten(treedef, [loaded[f"leaf_{i:05d}"] for i in range(len(leaves))])

@@ -298,3 +298,16 @@ def test_signal_sets_the_stop_flag_and_exit_codes():
     assert run.exit_code([{"stop_reason": "interrupted"}], stop) == 143
     assert run.exit_code([{"stop_reason": "diverged"}], run.StopFlag()) == 3
     assert run.exit_code([{"stop_reason": "comm_budget"}], run.StopFlag()) == 0
+
+
+def test_default_relative_out_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """The default --out is relative (runs/...): checkpoints and --resume must work with it."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import run
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["--algo", "sl_single_server", *CLI, "--rounds", "2"]) == 0
+    (out,) = os.listdir("runs")
+    rel = os.path.join("runs", out)
+    assert checkpoint.latest(rel).rounds == 2
+    assert run.main(["--resume", rel, "--rounds", "3", "--no-progress"]) == 0
+    assert _count_lines(os.path.join(rel, "metrics.jsonl")) == 3
