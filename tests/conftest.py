@@ -5,6 +5,11 @@ import pytest
 
 jax.config.update("jax_enable_x64", False)
 
+import types
+
+import numpy as np
+
+from fslsage_jax.algorithms.common import Config
 from fslsage_jax.split import SplitModel
 
 
@@ -39,3 +44,19 @@ def make_toy(num_classes: int = 3) -> SplitModel:
 @pytest.fixture
 def toy():
     return make_toy()
+
+
+def toy_client_data(m=3, n=6, seed=0):
+    """Uneven toy shards for :func:`make_toy`: ``x [m, n, 4]``, labels 0..2, counts n, n-1, n-2."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, n, 4)).astype(np.float32)
+    y = (x[..., 0] > 0).astype(np.int32) + (x[..., 1] > 0.5)
+    counts = np.array([n, n - 1, n - 2][:m], np.int32)
+    return types.SimpleNamespace(x=x, y=y.astype(np.int32), counts=counts)
+
+
+def toy_config(**kw):
+    """A small Config for the toy model (3 clients, batch 2, Q = 2, l = 2, short alignment)."""
+    base = {"num_clients": 3, "batch_size": 2, "server_update_interval": 2, "align_interval": 2,
+            "align_epochs": 2, "align_batch_size": 4, "align_buffer_size": 6}
+    return Config(**{**base, **kw})

@@ -1,28 +1,16 @@
 """Engine behaviour: determinism, no recompilation, metrics, jit vs no jit."""
-import types
 
 import jax
 import numpy as np
 import pytest
 
 from fslsage_jax.algorithms import ALGORITHMS
-from fslsage_jax.algorithms.common import Config
 from fslsage_jax.algorithms.engine import ClientArrays
 from fslsage_jax.simulate import run_simulation
+from conftest import toy_client_data, toy_config
 
 
-def _data(m=3, n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(m, n, 4)).astype(np.float32)
-    y = (x[..., 0] > 0).astype(np.int32) + (x[..., 1] > 0.5)
-    counts = np.array([n, n - 1, n - 2][:m], np.int32)
-    return types.SimpleNamespace(x=x, y=y.astype(np.int32), counts=counts)
-
-
-def _cfg(**kw):
-    base = dict(num_clients=3, batch_size=2, server_update_interval=2, align_interval=2,
-                align_epochs=2, align_batch_size=4, align_buffer_size=6)
-    return Config(**{**base, **kw})
+_data, _cfg = toy_client_data, toy_config
 
 
 TIMES = ("round_time_s", "eval_time_s")

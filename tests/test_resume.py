@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -21,26 +20,15 @@ import pytest
 
 from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
-from fslsage_jax.algorithms.common import Config
 from fslsage_jax.simulate import read_metrics, run_simulation, tree_all_finite
+from conftest import toy_client_data, toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMES = ("round_time_s", "eval_time_s")
 TEST_X, TEST_Y = np.linspace(-1, 1, 20, dtype=np.float32).reshape(5, 4), np.array([0, 1, 2, 1, 0], np.int32)
 
 
-def _data(m=3, n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(m, n, 4)).astype(np.float32)
-    y = (x[..., 0] > 0).astype(np.int32) + (x[..., 1] > 0.5)
-    counts = np.array([n, n - 1, n - 2][:m], np.int32)
-    return types.SimpleNamespace(x=x, y=y.astype(np.int32), counts=counts)
-
-
-def _cfg(**kw):
-    base = {"num_clients": 3, "batch_size": 2, "server_update_interval": 2, "align_interval": 2,
-            "align_epochs": 2, "align_batch_size": 4, "align_buffer_size": 6}
-    return Config(**{**base, **kw})
+_data, _cfg = toy_client_data, toy_config
 
 
 def _lines(path):
