@@ -47,21 +47,25 @@ STRATEGIES = ("vmap", "map", "chunked", "unroll")
 # Default input shape per model name (``NAME:SHAPE`` on the command line overrides it).
 # Hook for the tiny GPT-2: add "gpt2": "128" (a sequence length); integer inputs are drawn
 # as tokens in [0, num_classes) and labels of ``split.label_shape`` (see ``synthetic``).
-DEFAULT_SHAPES = {"cnn": "32x32x3", "cnn16": "8x8x1", "resnet18": "32x32x3"}
+DEFAULT_SHAPES = {"cnn": "32x32x3", "cnn16": "8x8x1", "resnet18": "32x32x3", "gpt2tiny": "64"}
 NUM_CLASSES = 10
 
 
 # ----------------------------------------------------------------------------- models and data
 def bench_models() -> dict:
-    """``fslsage_jax.models.MODELS`` plus ``cnn16``: the cnn with 16 instead of 64 conv
-    channels, small enough for 10,000 clients on one device."""
-    from fslsage_jax.models import MODELS
+    """``fslsage_jax.models.MODELS`` plus ``cnn16`` (the cnn with 16 instead of 64 conv
+    channels, small enough for 10,000 clients on one device) and ``gpt2tiny`` (the
+    ``e2e_gpt2_tiny`` GPT-2 with LoRA; its shape is the sequence length)."""
+    from fslsage_jax.models import GPT2_TINY, MODELS, make_gpt2
     from fslsage_jax.models.cnn import CNNClient, CNNServer, LinearAux
     from fslsage_jax.split import SplitModel
 
     def cnn16(shape, k):
         return SplitModel("cnn16", CNNClient(features=16), CNNServer(k), LinearAux(k), tuple(shape), k)
-    return {**MODELS, "cnn16": cnn16}
+
+    def gpt2tiny(shape, k):
+        return make_gpt2(GPT2_TINY, int(shape[0]))
+    return {**MODELS, "cnn16": cnn16, "gpt2tiny": gpt2tiny}
 
 
 def parse_model(spec: str) -> tuple[str, tuple]:
@@ -170,65 +174,70 @@ def make_client_steps(algo_name: str, split, cfg):
     """Jitted single-client steps of ``algo_name`` and a function running one local step of one client.
 
     Returns ``step(st, i, x, y, w, k, rng)`` that updates the per-client lists in ``st``
-    (``c``, ``co``, ``s``, ``so``, ``a``, ``ao``, ``buf``) in place for client ``i``.
+    (``c``, ``co``, ``s``, ``so``, ``a``, ``ao``, ``buf``) in place for client ``i``;
+    ``st["fz"]`` holds the shared frozen weights ``(client, server, aux)`` (or Nones).
     """
     import jax
 
     from fslsage_jax.algorithms import steps
-    from fslsage_jax.algorithms.common import buffer_push, make_optimizer
-    opt = make_optimizer(cfg.lr, cfg.weight_decay)
+    from fslsage_jax.algorithms.common import buffer_push, optimizer_for
+    opt = optimizer_for(cfg)
     q = cfg.server_update_interval
 
     @jax.jit
-    def full(cv, sv, os, x, y, w, rng):
-        return steps.full_step(split, opt, cv, sv, os, x, y, w, rng)[:3]
+    def full(fz, cv, sv, os, x, y, w, rng):
+        return steps.full_step(split, opt, cv.with_frozen(fz[0]), sv.with_frozen(fz[1]), os, x, y, w,
+                               rng)[:3]
 
     @jax.jit
-    def split_step(cv, co, sv, so, x, y, w, rng):
+    def split_step(fz, cv, co, sv, so, x, y, w, rng):
         kc, ks = jax.random.split(rng)
-        z, vjp_fn, cs = steps.client_forward(split, cv, x, kc)
-        sv, so, gz, _ = steps.server_step(split, opt, sv, so, z, y, w, ks)
+        z, vjp_fn, cs = steps.client_forward(split, cv.with_frozen(fz[0]), x, kc, w)
+        sv, so, gz, _ = steps.server_step(split, opt, sv.with_frozen(fz[1]), so, z, y, w, ks)
         cv, co = steps.client_backward(opt, cv, co, vjp_fn, gz, cs)
         return cv, co, sv, so
 
     @jax.jit
-    def local(cv, co, av, ao, x, y, w, rng):
-        return steps.local_aux_step(split, opt, opt, cv, co, av, ao, x, y, w, rng)[:5]
+    def local(fz, cv, co, av, ao, x, y, w, rng):
+        return steps.local_aux_step(split, opt, opt, cv.with_frozen(fz[0]), co, av.with_frozen(fz[2]),
+                                    ao, x, y, w, rng)[:5]
 
     @jax.jit
-    def serve(sv, so, z, y, w, rng):
-        return steps.server_step(split, opt, sv, so, z, y, w, rng)[:2]
+    def serve(fz, sv, so, z, y, w, rng):
+        return steps.server_step(split, opt, sv.with_frozen(fz[1]), so, z, y, w, rng)[:2]
 
     @jax.jit
-    def serve_push(sv, so, buf, z, y, w, rng):
-        sv, so = steps.server_step(split, opt, sv, so, z, y, w, rng)[:2]
+    def serve_push(fz, sv, so, buf, z, y, w, rng):
+        sv, so = steps.server_step(split, opt, sv.with_frozen(fz[1]), so, z, y, w, rng)[:2]
         return sv, so, buffer_push(buf, z, y, w)
 
     @jax.jit
-    def sage_local(cv, co, av, x, y, w, rng):
-        z, vjp_fn, cs = steps.client_forward(split, cv, x, rng)
-        g_hat = steps.aux_grad_estimate(split, av, z, y, w)
+    def sage_local(fz, cv, co, av, x, y, w, rng):
+        z, vjp_fn, cs = steps.client_forward(split, cv.with_frozen(fz[0]), x, rng, w)
+        g_hat = steps.aux_grad_estimate(split, av.with_frozen(fz[2]), z, y, w)
         cv, co = steps.client_backward(opt, cv, co, vjp_fn, g_hat, cs)
         return cv, co, z
 
     def step(st, i, x, y, w, k, rng):
+        fz = st["fz"]
         if algo_name == "fed_avg":
-            st["c"][i], st["s"][i], st["co"][i] = full(st["c"][i], st["s"][i], st["co"][i], x, y, w, rng)
+            st["c"][i], st["s"][i], st["co"][i] = full(fz, st["c"][i], st["s"][i], st["co"][i], x, y, w, rng)
         elif algo_name == "sl_multi_server":
             st["c"][i], st["co"][i], st["s"][i], st["so"][i] = split_step(
-                st["c"][i], st["co"][i], st["s"][i], st["so"][i], x, y, w, rng)
+                fz, st["c"][i], st["co"][i], st["s"][i], st["so"][i], x, y, w, rng)
         elif algo_name == "sl_single_server":
             st["c"][i], st["co"][i], st["s"], st["so"] = split_step(
-                st["c"][i], st["co"][i], st["s"], st["so"], x, y, w, rng)
+                fz, st["c"][i], st["co"][i], st["s"], st["so"], x, y, w, rng)
         elif algo_name == "cse_fsl":
             st["c"][i], st["co"][i], st["a"][i], st["ao"][i], z = local(
-                st["c"][i], st["co"][i], st["a"][i], st["ao"][i], x, y, w, rng)
+                fz, st["c"][i], st["co"][i], st["a"][i], st["ao"][i], x, y, w, rng)
             if k % q == 0:
-                st["s"], st["so"] = serve(st["s"], st["so"], z, y, w, rng)
+                st["s"], st["so"] = serve(fz, st["s"], st["so"], z, y, w, rng)
         elif algo_name == "fsl_sage":
-            st["c"][i], st["co"][i], z = sage_local(st["c"][i], st["co"][i], st["a"][i], x, y, w, rng)
+            st["c"][i], st["co"][i], z = sage_local(fz, st["c"][i], st["co"][i], st["a"][i], x, y, w, rng)
             if k % q == 0:
-                st["s"], st["so"], st["buf"][i] = serve_push(st["s"], st["so"], st["buf"][i], z, y, w, rng)
+                st["s"], st["so"], st["buf"][i] = serve_push(fz, st["s"], st["so"], st["buf"][i], z, y, w,
+                                                             rng)
         else:
             raise ValueError(f"unknown algorithm {algo_name!r}")
     return step
@@ -254,12 +263,8 @@ def time_loop(algo_name, split, cfg, data, rounds: int, max_clients: int) -> dic
     k = min(m, max_clients)
     B = cfg.batch_size
     state = ALGORITHMS[algo_name](split, cfg, n).init(jax.random.key(0))
-    if getattr(state, "frozen", None) is not None:
-        # Hook for models with shared frozen weights (GPT-2 + LoRA): the single-client steps
-        # need them attached (Vars.with_frozen) before this reference can drive such a model.
-        raise NotImplementedError("per-client loop reference: State.frozen is not attached yet")
     per = client_fields(algo_name)
-    st = {}
+    st = {"fz": state.frozen if state.frozen is not None else (None, None, None)}
     for short, f in FIELDS.items():
         v = getattr(state, f)
         if v is None:
@@ -305,11 +310,11 @@ def time_limit(split, cfg, data, rounds: int, max_steps: int) -> dict:
     import jax.numpy as jnp
 
     from fslsage_jax.algorithms import steps
-    from fslsage_jax.algorithms.common import make_optimizer
+    from fslsage_jax.algorithms.common import optimizer_for
     from fslsage_jax.split import init_split
     B = cfg.batch_size
-    opt = make_optimizer(cfg.lr, cfg.weight_decay)
-    cv, sv, _ = init_split(split, jax.random.key(0))
+    opt = optimizer_for(cfg)
+    (cv, fc), (sv, fs), _ = (v.shared() for v in init_split(split, jax.random.key(0)))
     os_ = opt.init((cv.params, sv.params))
     xs = data.x.reshape(-1, B, *data.x.shape[2:])
     ys = data.y.reshape(-1, B, *data.y.shape[2:])
@@ -318,18 +323,19 @@ def time_limit(split, cfg, data, rounds: int, max_steps: int) -> dict:
     w = jnp.ones((B,), jnp.float32)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def train_step(cv, sv, os_, xs, ys, j, rng):
+    def train_step(cv, sv, os_, fz, xs, ys, j, rng):
         x = jax.lax.dynamic_index_in_dim(xs, j % xs.shape[0], 0, keepdims=False)
         y = jax.lax.dynamic_index_in_dim(ys, j % ys.shape[0], 0, keepdims=False)
-        return steps.full_step(split, opt, cv, sv, os_, x, y, w, rng)[:3]
+        return steps.full_step(split, opt, cv.with_frozen(fz[0]), sv.with_frozen(fz[1]), os_, x, y, w,
+                               rng)[:3]
 
     key = jax.random.key(4)
-    cv, sv, os_ = _block(train_step(cv, sv, os_, xs, ys, jnp.int32(0), key))     # compile
+    cv, sv, os_ = _block(train_step(cv, sv, os_, (fc, fs), xs, ys, jnp.int32(0), key))     # compile
     times = []
     for r in range(rounds):
         t0 = time.perf_counter()
         for j in range(todo):
-            cv, sv, os_ = train_step(cv, sv, os_, xs, ys, jnp.int32(j), key)
+            cv, sv, os_ = train_step(cv, sv, os_, (fc, fs), xs, ys, jnp.int32(j), key)
         _block((cv, sv, os_))
         times.append(time.perf_counter() - t0)
     return {"limit_round_s": statistics.median(times) * total / todo, "limit_steps_measured": todo,
@@ -357,7 +363,8 @@ def run_config(args, algo_name, model_name, shape, m, strategy, loop, models) ->
     n = args.samples_per_client
     cfg = Config(num_clients=m, local_epochs=args.local_epochs, batch_size=args.batch_size,
                  strategy=strategy, chunk_size=args.chunk_size, step_loop=loop,
-                 align_buffer_size=args.align_buffer_size, align_batch_size=min(1000, args.align_buffer_size),
+                 align_buffer_size=args.align_buffer_size,
+                 align_batch_size=args.align_batch_size or min(1000, args.align_buffer_size),
                  align_epochs=args.align_epochs)
     row = {"algo": algo_name, "model": model_name, "input_shape": list(shape), "clients": m,
            "samples_per_client": n, "batch_size": args.batch_size, "local_epochs": args.local_epochs,
@@ -463,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--local-epochs", type=int, default=1, help="local epochs E per round")
     a("--rounds", type=int, default=3, help="timed rounds after the warm-up round (median reported)")
     a("--align-buffer-size", type=int, default=64, help="FSL-SAGE FIFO per client (memory per client)")
+    a("--align-batch-size", type=int, default=0,
+      help="FSL-SAGE alignment minibatch (0: min(1000, buffer)); keep it small for GPT-2 "
+           "(its alignment holds batch x sequence x vocabulary logits twice)")
     a("--align-epochs", type=int, default=1, help="FSL-SAGE alignment passes (round 0 only here)")
     a("--unroll-max-clients", type=int, default=16, help="skip unroll above this many clients")
     a("--loop-clients", type=int, default=10,
