@@ -112,3 +112,20 @@ def test_gpt2_e2e_cli_pretrained_generation_bleu(tmp_path):
     assert isinstance(s["bleu"], float) and s["generated"] == 2
     gens = json.load(open(out / "generations.json"))
     assert len(gens) == 2 and all(len(g["references"]) >= 1 for g in gens)
+
+
+def test_cifar_without_data_or_network_is_one_line_and_fast(tmp_path):
+    """A subprocess (pytest would capture tfds's log records): exit 2, ONE line naming both ways."""
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "FSLSAGE_OFFLINE": "1", "TFDS_DATA_DIR": str(tmp_path / "tfds"),
+           "PYTHONPATH": os.path.join(HERE, ".."), "JAX_PLATFORMS": "cpu"}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, os.path.join(HERE, "..", "experiments", "run.py"), "--dataset",
+                        "cifar10", "--model", "resnet18", "--out", str(tmp_path / "o")],
+                       env=env, capture_output=True, text=True, timeout=60)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1, err
+    assert "--data-dir" in err[0] and "tfds" in err[0] and time.time() - t0 < 10
+    assert not (tmp_path / "o").exists()

@@ -147,8 +147,14 @@ def _find_local(fmt: CifarFormat, data_dir: str) -> tuple[str, str] | None:
     return None
 
 
+OFFLINE_ENV = "FSLSAGE_OFFLINE"
+
+
 def network_reachable(host: str = DOWNLOAD_HOST, port: int = 443, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (always
+    False when the environment variable ``FSLSAGE_OFFLINE`` is set: never download)."""
+    if os.environ.get(OFFLINE_ENV):
+        return False
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -192,6 +198,8 @@ def _not_read_reason(tfds, fmt: CifarFormat, data_dir: str | None, error: Except
 
 def _load_tfds(fmt: CifarFormat, data_dir: str | None) -> tuple[np.ndarray, ...]:
     """Through tensorflow-datasets: prepared data first, then a download if the host answers."""
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)      # tfds warns on absent folders: one-line errors
     try:
         import tensorflow_datasets as tfds
     except ImportError:

@@ -105,7 +105,10 @@ def encode_prompts(tokenizer, mrs: list[str], seq_len: int) -> tuple[np.ndarray,
 
 
 def _network_available(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
+    """A TCP connection opens within ``timeout`` (False when ``FSLSAGE_OFFLINE`` is set)."""
     import socket
+    if os.environ.get("FSLSAGE_OFFLINE"):
+        return False
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -120,6 +123,8 @@ def read_e2e_tfds(split: str, data_dir: str | None = None) -> list[tuple[str, st
     the GEM builder imports) is missing, or the dataset is not prepared in ``data_dir`` and storage.googleapis.com is unreachable
     (instead of tfds's long download retry loop).
     """
+    import logging
+    logging.getLogger("absl").setLevel(logging.ERROR)      # tfds warns on absent folders: one-line errors
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
