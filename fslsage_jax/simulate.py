@@ -58,6 +58,7 @@ def gib_to_target(records: list[dict], target: float) -> float | None:
 
 
 @jax.jit
+@jax.jit
 def tree_all_finite(tree: Any) -> jax.Array:
     """One compiled reduction: True iff every float leaf of ``tree`` is finite."""
     oks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
