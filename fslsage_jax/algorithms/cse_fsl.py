@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import Config, broadcast, lift, optimizer_for, tree_where
+from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
                                            frozen_parts, global_vars, init_parts, make_run_round,
                                            make_serve)
@@ -69,3 +70,8 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), s.server))
+
+ALGORITHM = AlgorithmDef(
+    name=NAME, label="CSE-FSL", make=make, client_fields=("clients", "client_opt", "aux", "aux_opt"),
+    model_bytes=lambda sizes: sizes.client + sizes.aux, uses=frozenset({"server_update_interval"}),
+    color="tab:purple")

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import Config, broadcast, lift, optimizer_for, tree_where
+from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
                                            frozen_parts, global_vars, init_parts, make_run_round)
 from fslsage_jax.split import SplitModel
@@ -41,3 +42,7 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), first(s.server)))
+
+ALGORITHM = AlgorithmDef(
+    name=NAME, label="FedAvg", make=make, client_fields=("clients", "client_opt", "server"),
+    model_bytes=lambda sizes: sizes.client + sizes.server, color="tab:blue")

@@ -24,6 +24,7 @@ from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import (Config, broadcast, buffer_init, buffer_push, lift,
                                            optimizer_for, tree_where)
 from fslsage_jax.algorithms.cse_fsl import count_uploads, uploads
+from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
                                            frozen_parts, global_vars, init_parts, make_run_round,
                                            make_serve)
@@ -90,3 +91,21 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), s.server))
+
+def round_metrics(acc: dict) -> dict:
+    """Mean cosine between the auxiliary estimate and the true server gradient on the
+    uploaded batches; the alignment losses in a round that aligned."""
+    out = {"grad_cosine": float(acc["cos_sum"] / acc["cos_n"]) if acc["cos_n"] > 0 else None}
+    if acc.get("aux_down", 0) > 0:
+        out["align_loss_first_epoch"] = float(acc["align_loss_first"])
+        out["align_loss_last_epoch"] = float(acc["align_loss_last"])
+    return out
+
+
+ALGORITHM = AlgorithmDef(
+    name=NAME, label="FSL-SAGE", make=make,
+    client_fields=("clients", "client_opt", "aux", "aux_opt", "buffer"),
+    model_bytes=lambda sizes: sizes.client,
+    uses=frozenset({"server_update_interval", "align_interval", "align_epochs", "align_batch_size",
+                    "align_buffer_size", "align_lr"}),
+    round_metrics=round_metrics, color="tab:red")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.common import Config, broadcast, lift, optimizer_for, tree_where
+from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
                                            frozen_parts, global_vars, init_parts, make_run_round,
                                            make_serve)
@@ -95,3 +96,13 @@ def make_single_server(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     return Algorithm("sl_single_server", _init(split, cfg, opt, False),
                      make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), s.server))
+
+MULTI_SERVER = AlgorithmDef(
+    name="sl_multi_server", label="SplitFed-MS", make=make_multi_server,
+    client_fields=("clients", "client_opt", "server", "server_opt"),
+    model_bytes=lambda sizes: sizes.client, color="tab:orange")
+
+SINGLE_SERVER = AlgorithmDef(
+    name="sl_single_server", label="SplitFed-SS", make=make_single_server,
+    client_fields=("clients", "client_opt"), model_bytes=lambda sizes: sizes.client,
+    color="tab:green")
