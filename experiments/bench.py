@@ -42,7 +42,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-ALGOS = ("fed_avg", "sl_multi_server", "sl_single_server", "cse_fsl", "fsl_sage")
 STRATEGIES = ("vmap", "map", "chunked", "unroll")
 # Default input shape per model name (``NAME:SHAPE`` on the command line overrides it).
 # Hook for the tiny GPT-2: add "gpt2": "128" (a sequence length); integer inputs are drawn
@@ -114,9 +113,9 @@ def memory_now() -> dict:
 
 def state_bytes(state, algo_name: str, m: int) -> dict:
     """Bytes of the state per client (fields with a client axis, divided by m) and shared."""
-    from fslsage_jax.sharding import client_fields
+    from fslsage_jax.algorithms import ALGORITHMS
     from fslsage_jax.split import tree_bytes
-    per = set(client_fields(algo_name))
+    per = set(ALGORITHMS[algo_name].client_fields)
     client = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f in per and v is not None)
     shared = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f not in per and v is not None)
     return {"state_bytes_per_client": client / m, "state_bytes_shared": shared,
@@ -140,7 +139,7 @@ def time_engine(algo_name, split, cfg, data, rounds: int, devices=1) -> dict:
     state = _block(algo.init(jax.random.key(0)))
     if devices != 1:
         from fslsage_jax.sharding import shard_all
-        state, data, algo = shard_all(algo_name, algo, state, data, devices)
+        state, data, algo = shard_all(ALGORITHMS[algo_name].client_fields, algo, state, data, devices)
     sizes = state_bytes(state, algo_name, cfg.num_clients)
     t0 = time.perf_counter()
     state, _ = algo.run_round(state, data, jax.random.key(1))
@@ -170,133 +169,31 @@ def time_engine(algo_name, split, cfg, data, rounds: int, devices=1) -> dict:
 
 
 # ----------------------------------------------------------------------------- reference (a): per-client loop
-def make_client_steps(algo_name: str, split, cfg):
-    """Jitted single-client steps of ``algo_name`` and a function running one local step of one client.
-
-    Returns ``step(st, i, x, y, w, k, rng)`` that updates the per-client lists in ``st``
-    (``c``, ``co``, ``s``, ``so``, ``a``, ``ao``, ``buf``) in place for client ``i``;
-    ``st["fz"]`` holds the shared frozen weights ``(client, server, aux)`` (or Nones).
-    """
-    import jax
-
-    from fslsage_jax.algorithms import steps
-    from fslsage_jax.algorithms.common import buffer_push, optimizer_for
-    opt = optimizer_for(cfg)
-    q = cfg.server_update_interval
-
-    @jax.jit
-    def full(fz, cv, sv, os, x, y, w, rng):
-        return steps.full_step(split, opt, cv.with_frozen(fz[0]), sv.with_frozen(fz[1]), os, x, y, w,
-                               rng)[:3]
-
-    @jax.jit
-    def split_step(fz, cv, co, sv, so, x, y, w, rng):
-        kc, ks = jax.random.split(rng)
-        z, vjp_fn, cs = steps.client_forward(split, cv.with_frozen(fz[0]), x, kc, w)
-        sv, so, gz, _ = steps.server_step(split, opt, sv.with_frozen(fz[1]), so, z, y, w, ks)
-        cv, co = steps.client_backward(opt, cv, co, vjp_fn, gz, cs)
-        return cv, co, sv, so
-
-    @jax.jit
-    def local(fz, cv, co, av, ao, x, y, w, rng):
-        return steps.local_aux_step(split, opt, opt, cv.with_frozen(fz[0]), co, av.with_frozen(fz[2]),
-                                    ao, x, y, w, rng)[:5]
-
-    @jax.jit
-    def serve(fz, sv, so, z, y, w, rng):
-        return steps.server_step(split, opt, sv.with_frozen(fz[1]), so, z, y, w, rng)[:2]
-
-    @jax.jit
-    def serve_push(fz, sv, so, buf, z, y, w, rng):
-        sv, so = steps.server_step(split, opt, sv.with_frozen(fz[1]), so, z, y, w, rng)[:2]
-        return sv, so, buffer_push(buf, z, y, w)
-
-    @jax.jit
-    def sage_local(fz, cv, co, av, x, y, w, rng):
-        z, vjp_fn, cs = steps.client_forward(split, cv.with_frozen(fz[0]), x, rng, w)
-        g_hat = steps.aux_grad_estimate(split, av.with_frozen(fz[2]), z, y, w)
-        cv, co = steps.client_backward(opt, cv, co, vjp_fn, g_hat, cs)
-        return cv, co, z
-
-    def step(st, i, x, y, w, k, rng):
-        fz = st["fz"]
-        if algo_name == "fed_avg":
-            st["c"][i], st["s"][i], st["co"][i] = full(fz, st["c"][i], st["s"][i], st["co"][i], x, y, w, rng)
-        elif algo_name == "sl_multi_server":
-            st["c"][i], st["co"][i], st["s"][i], st["so"][i] = split_step(
-                fz, st["c"][i], st["co"][i], st["s"][i], st["so"][i], x, y, w, rng)
-        elif algo_name == "sl_single_server":
-            st["c"][i], st["co"][i], st["s"], st["so"] = split_step(
-                fz, st["c"][i], st["co"][i], st["s"], st["so"], x, y, w, rng)
-        elif algo_name == "cse_fsl":
-            st["c"][i], st["co"][i], st["a"][i], st["ao"][i], z = local(
-                fz, st["c"][i], st["co"][i], st["a"][i], st["ao"][i], x, y, w, rng)
-            if k % q == 0:
-                st["s"], st["so"] = serve(fz, st["s"], st["so"], z, y, w, rng)
-        elif algo_name == "fsl_sage":
-            st["c"][i], st["co"][i], z = sage_local(fz, st["c"][i], st["co"][i], st["a"][i], x, y, w, rng)
-            if k % q == 0:
-                st["s"], st["so"], st["buf"][i] = serve_push(fz, st["s"], st["so"], st["buf"][i], z, y, w,
-                                                             rng)
-        else:
-            raise ValueError(f"unknown algorithm {algo_name!r}")
-    return step
-
-
-FIELDS = {"c": "clients", "co": "client_opt", "s": "server", "so": "server_opt", "a": "aux",
-          "ao": "aux_opt", "buf": "buffer"}
-
-
 def time_loop(algo_name, split, cfg, data, rounds: int, max_clients: int) -> dict:
-    """Reference (a): a Python loop over clients calling jitted single-client steps.
+    """Reference (a): the same algorithm definition run as a Python loop over clients that
+    calls its jitted single-client steps (``strategy="loop"``: the per-client loop of the
+    original code and most FL frameworks; the glue between steps runs eagerly).
 
     Measured on the first ``min(m, max_clients)`` clients (every client costs the
     same: same shard size and steps) and scaled linearly to m clients.
     """
+    import dataclasses
+
     import jax
-    import jax.numpy as jnp
 
     from fslsage_jax.algorithms import ALGORITHMS
-    from fslsage_jax.algorithms.common import steps_per_epoch, weighted_average
-    from fslsage_jax.sharding import client_fields
+    from fslsage_jax.algorithms.engine import ClientArrays
     m, n = cfg.num_clients, data.x.shape[1]
     k = min(m, max_clients)
-    B = cfg.batch_size
-    state = ALGORITHMS[algo_name](split, cfg, n).init(jax.random.key(0))
-    per = client_fields(algo_name)
-    st = {"fz": state.frozen if state.frozen is not None else (None, None, None)}
-    for short, f in FIELDS.items():
-        v = getattr(state, f)
-        if v is None:
-            continue
-        st[short] = ([jax.tree_util.tree_map(lambda a, i=i: a[i], v) for i in range(k)]
-                     if f in per else v)
-    del state
-    step = make_client_steps(algo_name, split, cfg)
-    avg = jax.jit(lambda items, w: weighted_average(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *items), w))
-    weights = jnp.ones((k,), jnp.float32)
-    w = jnp.ones((B,), jnp.float32)
-    num_steps = cfg.local_epochs * steps_per_epoch(n, B)
-    xs = [[data.x[i, s * B:(s + 1) * B] for s in range(n // B)] for i in range(k)]
-    ys = [[data.y[i, s * B:(s + 1) * B] for s in range(n // B)] for i in range(k)]
-    keys = jax.random.split(jax.random.key(3), (num_steps, k))
-    keys = [[keys[t, i] for i in range(k)] for t in range(num_steps)]
-
-    def one_round():
-        for t in range(num_steps):
-            for i in range(k):
-                s = t % (n // B)
-                step(st, i, xs[i][s], ys[i][s], w, t, keys[t][i])
-        for short in ("c", "a") if algo_name == "cse_fsl" else ("c",):
-            st[short] = [avg(st[short], weights)] * k
-        if algo_name in ("fed_avg", "sl_multi_server"):
-            st["s"] = [avg(st["s"], weights)] * k
-        return _block([st[s] for s in st])
-
+    loop_cfg = dataclasses.replace(cfg, num_clients=k, strategy="loop", step_loop="host")
+    algo = ALGORITHMS[algo_name](split, loop_cfg, n)
+    sub = ClientArrays(data.x[:k], data.y[:k], data.counts[:k])
+    state = _block(algo.init(jax.random.key(0)))
     times = []
-    for r in range(rounds + 1):
+    for r in range(rounds + 1):          # round 0 (FSL-SAGE: with alignment) is the warm-up
         t0 = time.perf_counter()
-        one_round()
+        state, _ = algo.run_round(state, sub, jax.random.key(2 + r))
+        _block(state)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times[1:])
     return {"loop_round_s": med * m / k, "loop_first_round_s": times[0] * m / k, "loop_clients_measured": k}
@@ -310,7 +207,7 @@ def time_limit(split, cfg, data, rounds: int, max_steps: int) -> dict:
     import jax.numpy as jnp
 
     from fslsage_jax.algorithms import steps
-    from fslsage_jax.algorithms.common import optimizer_for
+    from fslsage_jax.algorithms.config import optimizer_for
     from fslsage_jax.split import init_split
     B = cfg.batch_size
     opt = optimizer_for(cfg)
@@ -358,7 +255,7 @@ def estimate_bytes(algo_name, split, cfg, n_max) -> int:
 
 def run_config(args, algo_name, model_name, shape, m, strategy, loop, models) -> dict:
     """Measure one configuration; returns a result row (with ``skipped`` set when not run)."""
-    from fslsage_jax.algorithms.common import Config
+    from fslsage_jax.algorithms.config import Config
     split = models[model_name](shape, NUM_CLASSES)
     n = args.samples_per_client
     cfg = Config(num_clients=m, local_epochs=args.local_epochs, batch_size=args.batch_size,
@@ -378,11 +275,8 @@ def run_config(args, algo_name, model_name, shape, m, strategy, loop, models) ->
     data = synthetic(split, m, n)
     row.update(time_engine(algo_name, split, cfg, data, args.rounds, args.devices))
     if not args.no_loop:
-        try:
-            row.update(time_loop(algo_name, split, cfg, data, args.rounds, args.loop_clients))
-            row["loop_over_ours"] = row["loop_round_s"] / row["round_s"]
-        except NotImplementedError as e:
-            row["loop_skipped"] = str(e)
+        row.update(time_loop(algo_name, split, cfg, data, args.rounds, args.loop_clients))
+        row["loop_over_ours"] = row["loop_round_s"] / row["round_s"]
     if not args.no_limit:
         row.update(time_limit(split, cfg, data, args.rounds, args.limit_steps))
         row["ours_over_limit"] = row["round_s"] / row["limit_round_s"]
@@ -450,12 +344,13 @@ PRESETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fslsage_jax.algorithms import ALGORITHMS
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Times the compiled round against a per-client Python "
         "loop of jitted steps and against centralised training of the same samples.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--algos", nargs="+", default=list(ALGOS), choices=ALGOS, help="algorithms to time")
+    a("--algos", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS), help="algorithms to time")
     a("--models", nargs="+", default=None,
       help="models as NAME[:HxWxC] from fslsage_jax.models.MODELS (plus cnn16, a narrow cnn); "
            "default: cnn:8x8x1 cnn:32x32x3, and resnet18:32x32x3 when that model exists")

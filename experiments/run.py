@@ -31,7 +31,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-ALGOS = ("fed_avg", "sl_multi_server", "sl_single_server", "cse_fsl", "fsl_sage")
+from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
+
+ALGOS = tuple(ALGORITHMS)
+
 DEFAULT_ROUNDS = 50
 DEFAULT_CHECKPOINT_EVERY = 10
 
@@ -50,7 +53,7 @@ GPT2_SIZES = ("tiny", "medium")
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; ``preset`` (a key of ``PRESETS``) replaces the defaults it names."""
-    from fslsage_jax.algorithms.common import OPTIMIZERS, STEP_LOOPS, STRATEGIES, Config
+    from fslsage_jax.algorithms.config import OPTIMIZERS, STEP_LOOPS, STRATEGIES, Config
     from fslsage_jax.data import DATASETS
     from fslsage_jax.models import MODELS
     from fslsage_jax.presets import PRESETS
@@ -619,8 +622,10 @@ def main(argv=None) -> int:
 
     import jax
 
-    from fslsage_jax.algorithms.common import Config, auto_strategy
-    from fslsage_jax.simulate import run_simulation, write_json_atomic
+    from fslsage_jax.algorithms.config import Config
+
+    from fslsage_jax.algorithms.lifting import auto_strategy
+    from fslsage_jax.simulate import RunOptions, Task, run_simulation, write_json_atomic
 
     if args.devices != 1:
         from fslsage_jax.sharding import check_divisible, client_mesh
@@ -662,13 +667,15 @@ def main(argv=None) -> int:
             if len(algos) > 1:
                 prepare_out(run_dir, args.overwrite or resuming)
             write_json_atomic(os.path.join(run_dir, "config.json"), {**run_config, "algo": name})
-            s = run_simulation(name, split, cfg, clients, ds.x_test, ds.y_test, rounds=args.rounds,
-                               seed=args.seed, comm_budget_bytes=int(args.comm_budget_gib * 2 ** 30),
-                               out_dir=run_dir, target_accuracy=args.target_accuracy,
-                               progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
-                               resume=plan == "resume", stop_requested=stop,
-                               log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                               frozen=frozen, on_finish=on_finish, devices=args.devices)
+            s = run_simulation(name, Task(split, cfg, clients, ds.x_test, ds.y_test, frozen, on_finish),
+                               RunOptions(rounds=args.rounds, seed=args.seed,
+                                          comm_budget_bytes=int(args.comm_budget_gib * 2 ** 30),
+                                          out_dir=run_dir, target_accuracy=args.target_accuracy,
+                                          progress=not args.no_progress,
+                                          checkpoint_every=args.checkpoint_every,
+                                          resume=plan == "resume", stop_requested=stop,
+                                          log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                                          devices=args.devices))
             summaries.append(s)
             print(f"{name}: accuracy {s['final_accuracy']:.4f} (best {s['best_accuracy']:.4f}), "
                   f"{s['total_gib']:.4f} GiB, {s['rounds_run']} rounds, stop: {s['stop_reason']}, "

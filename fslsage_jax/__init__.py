@@ -8,21 +8,25 @@ The public API, re-exported here:
   server step, auxiliary gradient estimate, alignment, CSE-FSL and FedAvg steps);
 - client-axis helpers: :func:`lift`, :func:`weighted_average`, FIFO
   :func:`buffer_init` / :func:`buffer_push`;
-- algorithms: ``ALGORITHMS`` (name -> ``make(split, Config, n_max)``), :class:`Config`;
-- the ledger :mod:`comm` and the host loop :func:`run_simulation`.
+- algorithms: ``ALGORITHMS`` (name -> :class:`AlgorithmDef`; calling one builds the
+  algorithm: ``ALGORITHMS[name](split, Config, n_max)``), :class:`Config`;
+- the ledger :mod:`comm` and the host loop :func:`run_simulation` on a :class:`Task`
+  with :class:`RunOptions`.
 """
 from fslsage_jax import comm
-from fslsage_jax.algorithms import ALGORITHMS, steps
-from fslsage_jax.algorithms.common import (Buffer, Config, broadcast, buffer_init, buffer_push,
-                                           lift, make_optimizer, weighted_average)
-from fslsage_jax.algorithms.engine import Algorithm, ClientArrays, State
+from fslsage_jax.algorithms import ALGORITHMS, AlgorithmDef, steps
+from fslsage_jax.algorithms.buffer import Buffer, buffer_init, buffer_push
+from fslsage_jax.algorithms.config import Config, make_optimizer
+from fslsage_jax.algorithms.engine import Algorithm, ClientArrays
+from fslsage_jax.algorithms.lifting import lift
+from fslsage_jax.algorithms.trees import broadcast, weighted_average
 from fslsage_jax.models import MODELS, make_cnn
-from fslsage_jax.simulate import run_simulation
+from fslsage_jax.simulate import RunOptions, Task, run_simulation
 from fslsage_jax.split import SplitModel, Vars, apply_part, describe, init_split
 
 __version__ = "0.1.0"
 
-__all__ = ["ALGORITHMS", "Algorithm", "Buffer", "ClientArrays", "Config", "MODELS", "SplitModel",
-           "State", "Vars", "apply_part", "broadcast", "buffer_init", "buffer_push", "comm",
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmDef", "Buffer", "ClientArrays", "Config", "MODELS",
+           "RunOptions", "SplitModel", "Task", "Vars", "apply_part", "broadcast", "buffer_init", "buffer_push", "comm",
            "describe", "init_split", "lift", "make_cnn", "make_optimizer", "run_simulation",
            "steps", "weighted_average"]

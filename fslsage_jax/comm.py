@@ -1,17 +1,16 @@
 """The communication ledger: exact bytes per message kind, as the FSL-SAGE
 code counts them (float32 = 4 bytes; models = parameters + non-trainable state).
 
-The compiled round returns how many samples were uploaded as cut activations
-(``z_up``) and how many cut-layer gradients came back (``g_down``); byte sizes
-come from shapes and dtypes; all arithmetic here is in exact Python integers.
+The compiled round counts on the device what it sent (``z_up`` cut activations
+uploaded, ``g_down`` cut-layer gradients sent back, ``aux_down`` clients that
+received an aligned auxiliary model, ``models`` clients that exchanged their model
+with the fed server); each algorithm declares the size of the model it
+exchanges (``AlgorithmDef.model_bytes``). Byte sizes come from shapes and
+dtypes; all arithmetic here is in exact Python integers.
 
-| algorithm         | per local step          | every Q steps | per round                 | every l rounds   |
-|-------------------|-------------------------|---------------|---------------------------|------------------|
-| fed_avg           | -                       | -             | 2 m bytes(full)           | -                |
-| sl_multi_server   | z up + dL/dz down       | -             | 2 m bytes(client)         | -                |
-| sl_single_server  | z up + dL/dz down       | -             | 2 m bytes(client)         | -                |
-| cse_fsl           | -                       | z up          | 2 m (bytes(client)+aux)   | -                |
-| fsl_sage          | -                       | z up          | 2 m bytes(client)         | aux_i down, each |
+The per-algorithm rules (SPEC's table: which messages each algorithm sends and how
+large its per-round model is) live with the algorithms (``AlgorithmDef``); this
+module knows message kinds, not algorithms.
 
 Labels travel with every ``z``; the original code does not count them, so they
 have their own counter (``labels_up``, int32) outside the paper-comparable total.
@@ -51,29 +50,24 @@ def sizes_of(split: SplitModel) -> Sizes:
     return Sizes(mb["client"], mb["server"], mb["aux"], d["cut_bytes_per_sample"], label_bytes)
 
 
-def round_bytes(algo: str, sizes: Sizes, num_clients: int, z_up: int, g_down: int,
-                aligned: bool) -> dict:
-    """Bytes of one round per message kind.
+def round_bytes(model_bytes: int, sizes: Sizes, counts: Mapping[str, int]) -> dict:
+    """Bytes of one round per message kind, from what the compiled round counted.
 
     Args:
-      algo: algorithm name.
+      model_bytes: bytes of the model one client sends up (and receives down) per round
+        (``AlgorithmDef.model_bytes(sizes)``).
       sizes: from :func:`sizes_of`.
-      num_clients: m (all clients take part every round).
-      z_up: samples whose cut activation went up this round.
-      g_down: samples whose cut-layer gradient came down this round.
-      aligned: whether FSL-SAGE aligned (and sent) the auxiliary models.
+      counts: the round's ``z_up``, ``g_down`` (samples), ``aux_down`` (clients sent an
+        aligned auxiliary model) and ``models`` (clients that exchanged their model).
     Returns:
       ``{kind: bytes}`` for every kind in :data:`KINDS`.
     """
-    model = {"fed_avg": sizes.full, "sl_multi_server": sizes.client,
-             "sl_single_server": sizes.client, "cse_fsl": sizes.client + sizes.aux,
-             "fsl_sage": sizes.client}[algo]
-    m = num_clients
-    return {"smashed_up": int(z_up) * sizes.z_per_sample,
-            "grad_down": int(g_down) * sizes.z_per_sample,
-            "model_up": m * model, "model_down": m * model,
-            "aux_down": m * sizes.aux if (algo == "fsl_sage" and aligned) else 0,
-            "labels_up": int(z_up) * sizes.label_per_sample}
+    z_up, models = int(counts["z_up"]), int(counts["models"])
+    return {"smashed_up": z_up * sizes.z_per_sample,
+            "grad_down": int(counts["g_down"]) * sizes.z_per_sample,
+            "model_up": models * model_bytes, "model_down": models * model_bytes,
+            "aux_down": int(counts["aux_down"]) * sizes.aux,
+            "labels_up": z_up * sizes.label_per_sample}
 
 
 class Ledger(NamedTuple):

@@ -26,12 +26,6 @@ from jax.sharding import PartitionSpec as P
 
 AXIS = "clients"
 
-# State fields with a leading client axis in every algorithm.
-CLIENT_FIELDS = ("clients", "client_opt", "aux", "aux_opt", "buffer")
-# Algorithms whose server (and its optimizer state) has a client axis too.
-PER_CLIENT_SERVER = ("fed_avg", "sl_multi_server")
-
-
 def resolve_devices(devices: int | str | None) -> list:
     """The devices to shard over.
 
@@ -63,21 +57,15 @@ def check_divisible(num_clients: int, mesh: Mesh) -> None:
                          f"use a number of clients divisible by {n} or --devices that divides it")
 
 
-def client_fields(algo_name: str) -> tuple[str, ...]:
-    """Names of the ``State`` fields that carry a leading client axis for ``algo_name``."""
-    extra = ("server", "server_opt") if algo_name in PER_CLIENT_SERVER else ()
-    return CLIENT_FIELDS + extra
+def state_shardings(state: Any, client_fields: tuple[str, ...], mesh: Mesh) -> Any:
+    """A pytree of ``NamedSharding`` matching ``state`` (an algorithm's state NamedTuple).
 
-
-def state_shardings(state: Any, algo_name: str, mesh: Mesh) -> Any:
-    """A pytree of ``NamedSharding`` matching ``state`` (an engine ``State``).
-
-    Fields from :func:`client_fields` are split on axis 0; every other field
-    (round counter, shared server, frozen weights, fields added later) is
-    replicated, which is always correct.
+    Fields named in ``client_fields`` (``AlgorithmDef.client_fields``) are split on
+    axis 0; every other field (round counter, shared server, frozen weights, fields
+    added later) is replicated, which is always correct.
     """
     split, rep = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
-    sharded = set(client_fields(algo_name))
+    sharded = set(client_fields)
     fields = {f: jax.tree_util.tree_map(lambda _, s=(split if f in sharded else rep): s, v)
               for f, v in zip(state._fields, state)}
     return type(state)(**fields)
@@ -88,10 +76,10 @@ def data_shardings(data: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P(AXIS)), data)
 
 
-def shard_state(state: Any, algo_name: str, mesh: Mesh) -> Any:
+def shard_state(state: Any, client_fields: tuple[str, ...], mesh: Mesh) -> Any:
     """Place ``state`` on the mesh: client-axis fields split, the rest replicated."""
     check_divisible(jax.tree_util.tree_leaves(state.clients)[0].shape[0], mesh)
-    return jax.device_put(state, state_shardings(state, algo_name, mesh))
+    return jax.device_put(state, state_shardings(state, client_fields, mesh))
 
 
 def shard_data(data: Any, mesh: Mesh) -> Any:
@@ -100,7 +88,7 @@ def shard_data(data: Any, mesh: Mesh) -> Any:
     return jax.device_put(data, data_shardings(data, mesh))
 
 
-def sharded_round(run_round: Callable, algo_name: str, mesh: Mesh) -> Callable:
+def sharded_round(run_round: Callable, client_fields: tuple[str, ...], mesh: Mesh) -> Callable:
     """Wrap ``run_round`` so the returned state keeps the client sharding.
 
     XLA chooses the output shardings of a compiled round; putting the state
@@ -109,16 +97,16 @@ def sharded_round(run_round: Callable, algo_name: str, mesh: Mesh) -> Callable:
     """
     def run(state, data, key):
         state, metrics = run_round(state, data, key)
-        return jax.device_put(state, state_shardings(state, algo_name, mesh)), metrics
+        return jax.device_put(state, state_shardings(state, client_fields, mesh)), metrics
     return run
 
 
-def shard_all(algo_name: str, algo: Any, state: Any, data: Any,
+def shard_all(client_fields: tuple[str, ...], algo: Any, state: Any, data: Any,
               devices: int | str | None = None) -> tuple[Any, Any, Any]:
     """Shard a simulation over ``devices`` (see :func:`resolve_devices`).
 
     Args:
-      algo_name: a key of ``ALGORITHMS`` (decides whether the server has a client axis).
+      client_fields: the state fields with a client axis (``AlgorithmDef.client_fields``).
       algo: the ``Algorithm``; its ``run_round`` is wrapped by :func:`sharded_round`.
       state, data: the initial ``State`` and the ``ClientArrays``.
     Returns:
@@ -127,8 +115,8 @@ def shard_all(algo_name: str, algo: Any, state: Any, data: Any,
       ValueError: when the number of clients is not divisible by the device count.
     """
     mesh = client_mesh(devices)
-    state, data = shard_state(state, algo_name, mesh), shard_data(data, mesh)
-    return state, data, algo._replace(run_round=sharded_round(algo.run_round, algo_name, mesh))
+    state, data = shard_state(state, client_fields, mesh), shard_data(data, mesh)
+    return state, data, algo._replace(run_round=sharded_round(algo.run_round, client_fields, mesh))
 
 
 def parse_devices(text: str) -> int | str:

@@ -9,7 +9,7 @@ import types
 
 import numpy as np
 
-from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.config import Config
 from fslsage_jax.split import SplitModel
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import make_toy
 
 from fslsage_jax.algorithms import ALGORITHMS
-from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +79,7 @@ def test_state_is_donated(toy, step_loop):
 
 
 def test_auto_strategy_falls_back_to_vmap_for_many_clients():
-    from fslsage_jax.algorithms.common import UNROLL_MAX_CLIENTS, auto_strategy
+    from fslsage_jax.algorithms.lifting import UNROLL_MAX_CLIENTS, auto_strategy
     assert auto_strategy("cpu", (32, 32, 3), UNROLL_MAX_CLIENTS) == "unroll"
     assert auto_strategy("cpu", (32, 32, 3), UNROLL_MAX_CLIENTS + 1) == "vmap"
     assert auto_strategy("cpu", (8, 8, 1), 4) == "vmap"

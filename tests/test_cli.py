@@ -56,7 +56,7 @@ def test_non_empty_out_is_refused(tmp_path, capsys):
 
 
 def test_auto_strategy_follows_the_measurements():
-    from fslsage_jax.algorithms.common import auto_strategy
+    from fslsage_jax.algorithms.lifting import auto_strategy
     assert auto_strategy("cpu", (8, 8, 1)) == "vmap"        # digits: vmap 2x faster than unroll
     assert auto_strategy("cpu", (32, 32, 3)) == "unroll"    # CIFAR-sized: unroll 3.4x faster
     assert auto_strategy("gpu", (32, 32, 3)) == "vmap"

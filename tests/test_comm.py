@@ -11,9 +11,10 @@ import types
 import numpy as np
 import pytest
 
-from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.config import Config
 from fslsage_jax.comm import GIB, Ledger, round_bytes, sizes_of
-from fslsage_jax.simulate import run_simulation
+from fslsage_jax.algorithms import ALGORITHMS
+from fslsage_jax.simulate import RunOptions, Task, run_simulation
 
 
 def _data():
@@ -28,8 +29,8 @@ def _run(toy, algo, rounds=2, **kw):
     cfg = Config(num_clients=2, batch_size=2, server_update_interval=2, align_interval=2,
                  align_epochs=2, align_batch_size=4, align_buffer_size=6, **kw)
     tx = np.zeros((3, 4), np.float32)
-    s = run_simulation(algo, toy, cfg, _data(), tx, np.zeros(3, np.int32), rounds=rounds,
-                       progress=False, out_dir=None)
+    s = run_simulation(algo, Task(toy, cfg, _data(), tx, np.zeros(3, np.int32)),
+                       RunOptions(rounds=rounds, progress=False, out_dir=None))
     return s
 
 
@@ -83,15 +84,17 @@ def test_two_local_epochs_use_each_clients_own_iteration_index(toy):
 def test_budget_stops_as_soon_as_reached(toy):
     cfg = Config(num_clients=2, batch_size=2)
     # SplitFed-MS costs 912 B per round: a budget of 1000 B stops after round 2 (1824 B).
-    s = run_simulation("sl_multi_server", toy, cfg, _data(), np.zeros((3, 4), np.float32),
-                       np.zeros(3, np.int32), rounds=10, comm_budget_bytes=1000, progress=False)
+    s = run_simulation("sl_multi_server", Task(toy, cfg, _data(), np.zeros((3, 4), np.float32),
+                                               np.zeros(3, np.int32)),
+                       RunOptions(rounds=10, comm_budget_bytes=1000, progress=False))
     assert s["rounds_run"] == 2 and s["stop_reason"] == "comm_budget" and s["total_bytes"] == 1824
 
 
 def test_round_bytes_and_ledger_arithmetic():
     from fslsage_jax.comm import Sizes
     sizes = Sizes(client=1000, server=5000, aux=300, z_per_sample=16384, label_per_sample=4)
-    r = round_bytes("fsl_sage", sizes, num_clients=10, z_up=2560, g_down=0, aligned=True)
+    r = round_bytes(ALGORITHMS["fsl_sage"].model_bytes(sizes), sizes,
+                    {"z_up": 2560, "g_down": 0, "aux_down": 10, "models": 10})
     assert r == dict(smashed_up=2560 * 16384, grad_down=0, model_up=10_000, model_down=10_000,
                      aux_down=3000, labels_up=10240)
     led = Ledger.empty().add(r).add(r)

@@ -6,7 +6,7 @@ import pytest
 
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.engine import ClientArrays
-from fslsage_jax.simulate import run_simulation
+from fslsage_jax.simulate import RunOptions, Task, run_simulation
 from conftest import toy_client_data, toy_config
 
 
@@ -22,16 +22,16 @@ def test_same_seed_gives_identical_metrics(toy, tmp_path, algo):
     for i in range(2):
         out = tmp_path / str(i)
         out.mkdir()
-        run_simulation(algo, toy, _cfg(), _data(), np.ones((5, 4), np.float32),
-                       np.zeros(5, np.int32), rounds=3, seed=7, out_dir=str(out), progress=False)
+        run_simulation(algo, Task(toy, _cfg(), _data(), np.ones((5, 4), np.float32), np.zeros(5, np.int32)),
+                       RunOptions(rounds=3, seed=7, out_dir=str(out), progress=False))
         lines = [__import__("json").loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         runs.append([{k: v for k, v in r.items() if k not in TIMES} for r in lines])
     assert len(runs[0]) == 3 and runs[0] == runs[1]
 
 
 def test_different_seed_differs(toy):
-    a, b = [run_simulation("fsl_sage", toy, _cfg(), _data(), np.ones((5, 4), np.float32),
-                           np.zeros(5, np.int32), rounds=1, seed=s, progress=False)
+    a, b = [run_simulation("fsl_sage", Task(toy, _cfg(), _data(), np.ones((5, 4), np.float32),
+                                            np.zeros(5, np.int32)), RunOptions(rounds=1, seed=s, progress=False))
             for s in (0, 1)]
     assert a["final_test_loss"] != b["final_test_loss"]
 
@@ -71,8 +71,8 @@ def test_scan_and_host_step_loops_agree(toy):
 
 
 def test_metrics_file_and_grad_cosine(toy, tmp_path):
-    run_simulation("fsl_sage", toy, _cfg(), _data(), np.ones((5, 4), np.float32),
-                       np.zeros(5, np.int32), rounds=3, out_dir=str(tmp_path), progress=False)
+    run_simulation("fsl_sage", Task(toy, _cfg(), _data(), np.ones((5, 4), np.float32), np.zeros(5, np.int32)),
+                   RunOptions(rounds=3, out_dir=str(tmp_path), progress=False))
     recs = [__import__("json").loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [0, 1, 2]
     for r in recs:

@@ -16,8 +16,10 @@ import optax
 import pytest
 
 from fslsage_jax.algorithms import ALGORITHMS, steps
-from fslsage_jax.algorithms.common import (Config, buffer_push, epoch_orders, gather_batch,
-                                           make_optimizer, steps_per_epoch, weighted_average)
+from fslsage_jax.algorithms.batching import epoch_orders, gather_batch, steps_per_epoch
+from fslsage_jax.algorithms.buffer import buffer_push
+from fslsage_jax.algorithms.config import Config, make_optimizer
+from fslsage_jax.algorithms.trees import weighted_average
 from fslsage_jax.algorithms.engine import ClientArrays
 
 from conftest import make_toy
@@ -137,7 +139,7 @@ PER_CLIENT_SERVER = ("fed_avg", "sl_multi_server")
 def _to_lists(algo, state):
     st = {}
     for k, f in FIELDS.items():
-        v = getattr(state, f)
+        v = getattr(state, f, None)
         if v is None:
             continue
         shared = k in ("s", "so") and algo not in PER_CLIENT_SERVER

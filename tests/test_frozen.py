@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fslsage_jax.algorithms import ALGORITHMS
-from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
 from fslsage_jax.split import SplitModel, describe, model_bytes, init_split
 

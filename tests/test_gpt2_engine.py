@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fslsage_jax.algorithms import ALGORITHMS
-from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
 from fslsage_jax.models.gpt2 import IGNORE, GPT2Config, lm_loss_sums, make_gpt2
 from fslsage_jax.split import apply_part

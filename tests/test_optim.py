@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from fslsage_jax.algorithms.common import Config, make_optimizer, optimizer_for
+from fslsage_jax.algorithms.config import Config, make_optimizer, optimizer_for
 
 
 def _updates(opt, grads, params, steps):

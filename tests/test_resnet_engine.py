@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fslsage_jax.algorithms import ALGORITHMS
-from fslsage_jax.algorithms.common import Config
+from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
 from fslsage_jax.comm import sizes_of
 from fslsage_jax.data.augment import make_image_transform

@@ -20,7 +20,7 @@ import pytest
 
 from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
-from fslsage_jax.simulate import read_metrics, run_simulation, tree_all_finite
+from fslsage_jax.simulate import RunOptions, Task, read_metrics, run_simulation, tree_all_finite
 from conftest import toy_client_data, toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +41,9 @@ def _strip(recs):
 
 def _sim(toy, algo, out, **kw):
     kw = {"rounds": 5, "seed": 3, "progress": False, "checkpoint_every": 2, **kw}
-    return run_simulation(algo, toy, kw.pop("cfg", _cfg()), _data(), TEST_X, TEST_Y, out_dir=str(out), **kw)
+    task = Task(toy, kw.pop("cfg", _cfg()), _data(), TEST_X, TEST_Y, kw.pop("frozen", None),
+                kw.pop("on_finish", None))
+    return run_simulation(algo, task, RunOptions(out_dir=str(out), **kw))
 
 
 class StopAfter:

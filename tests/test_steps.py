@@ -8,8 +8,10 @@ import optax
 import pytest
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.common import (buffer_init, buffer_mask, buffer_push,
-                                           gather_batch, epoch_orders, lift, weighted_average)
+from fslsage_jax.algorithms.batching import gather_batch, epoch_orders
+from fslsage_jax.algorithms.buffer import buffer_init, buffer_mask, buffer_push
+from fslsage_jax.algorithms.lifting import lift
+from fslsage_jax.algorithms.trees import weighted_average
 from fslsage_jax.split import Vars, init_split
 
 

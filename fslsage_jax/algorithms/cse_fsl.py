@@ -7,62 +7,66 @@ Each round the client models AND the auxiliary models are averaged.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.common import Config, broadcast, lift, optimizer_for, tree_where
+from fslsage_jax.algorithms.config import Config, optimizer_for
 from fslsage_jax.algorithms.definition import AlgorithmDef
-from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
-                                           frozen_parts, global_vars, init_parts, make_run_round,
-                                           make_serve)
-from fslsage_jax.split import SplitModel
+from fslsage_jax.algorithms.engine import (Algorithm, add_loss, average_into, count_messages, first,
+                                           frozen_parts, global_vars, init_parts, lifter,
+                                           make_run_round, make_serve, resolve_config, uploads)
+from fslsage_jax.algorithms.trees import broadcast, tree_where
+from fslsage_jax.split import SplitModel, Vars
 
 NAME = "cse_fsl"
 
 
-def uploads(b, interval: int) -> jax.Array:
-    """Which clients upload at this step: active and ``k_i % Q == 0``."""
-    return b.active & (b.k % interval == 0)
-
-
-def count_uploads(acc: dict, b, up: jax.Array, with_grads: bool = False) -> dict:
-    """Add the uploaded samples (and the gradients sent back, if any) to ``acc``."""
-    n = jnp.sum(b.w * up[:, None]).astype(jnp.int32)
-    acc = {**acc, "z_up": acc["z_up"] + n}
-    if with_grads:
-        acc["g_down"] = acc["g_down"] + n
-    return acc
+class CseFslState(NamedTuple):
+    """``clients``, ``client_opt``, ``aux``, ``aux_opt`` carry a leading client axis;
+    the server is shared."""
+    round: jax.Array
+    clients: Vars
+    client_opt: Any
+    server: Vars
+    server_opt: Any
+    aux: Vars
+    aux_opt: Any
+    frozen: Any = None
 
 
 def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """CSE-FSL for ``split`` and ``cfg``; client shards padded to ``n_max``."""
-    m, opt = cfg.num_clients, optimizer_for(cfg)
+    cfg = resolve_config(cfg, split)
+    m, opt, L = cfg.num_clients, optimizer_for(cfg), lifter(cfg)
     serve = make_serve(split, opt, cfg)
 
     def init(key):
         cv, sv, av, frozen = init_parts(split, key)
-        return State(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
-                     sv, opt.init(sv.params), broadcast(av, m), broadcast(opt.init(av.params), m),
-                     frozen=frozen)
+        return CseFslState(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
+                           sv, opt.init(sv.params), broadcast(av, m), broadcast(opt.init(av.params), m),
+                           frozen)
+
+    def client_step(fz, cv, copt, av, aopt, x, y, w, active, rng):
+        cv2, copt2, av2, aopt2, z, loss = steps.local_aux_step(
+            split, opt, opt, cv.with_frozen(fz[0]), copt, av.with_frozen(fz[2]), aopt, x, y, w, rng)
+        return tree_where(active, (cv2, copt2, av2, aopt2), (cv, copt, av, aopt)) + (z,)
+    client_step = L(client_step, shared=1)
 
     def step(state, b, t, rng, acc):
-        fc, fs, fa = frozen_parts(state)
-
-        def client_step(cv, copt, av, aopt, x, y, w, active, rng):
-            cv2, copt2, av2, aopt2, z, loss = steps.local_aux_step(
-                split, opt, opt, cv.with_frozen(fc), copt, av.with_frozen(fa), aopt, x, y, w, rng)
-            return tree_where(active, (cv2, copt2, av2, aopt2), (cv, copt, av, aopt)) + (z,)
-
+        fs = frozen_parts(state)[1]
         kc, ks = jax.random.split(rng)
-        cv, copt, av, aopt, z = lift(client_step, cfg.strategy, cfg.chunk_size)(
-            state.clients, state.client_opt, state.aux, state.aux_opt, b.x, b.y, b.w, b.active,
-            jax.random.split(kc, m))
+        cv, copt, av, aopt, z = client_step(
+            frozen_parts(state), state.clients, state.client_opt, state.aux, state.aux_opt, b.x, b.y, b.w,
+            b.active, jax.random.split(kc, m))
         up = uploads(b, cfg.server_update_interval)
         sv, sopt, _, loss = serve(state.server.with_frozen(fs), state.server_opt, z, b.y, b.w, up, ks)
         state = state._replace(clients=cv, client_opt=copt, aux=av, aux_opt=aopt,
                                server=sv, server_opt=sopt)
-        return state, count_uploads(add_loss(acc, loss, b.w.sum(1) * up), b, up)
+        acc = add_loss(acc, loss, b.w.sum(1) * up)
+        return state, count_messages(acc, b.w * up[:, None], z_up=True, g_down=False)
 
     def end(state, weights):
         return state._replace(clients=average_into(state.clients, weights),
@@ -70,6 +74,7 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), s.server))
+
 
 ALGORITHM = AlgorithmDef(
     name=NAME, label="CSE-FSL", make=make, client_fields=("clients", "client_opt", "aux", "aux_opt"),

@@ -9,36 +9,37 @@ accumulation pulled to the host once per round.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.common import (Config, broadcast, epoch_orders, gather_batch,
-                                           sequential, steps_per_epoch, tree_where,
-                                           weighted_average)
+from fslsage_jax.algorithms.batching import epoch_orders, gather_batch, steps_per_epoch
+from fslsage_jax.algorithms.config import Config
+from fslsage_jax.algorithms.lifting import auto_strategy, branch, lift, sequential
+from fslsage_jax.algorithms.trees import broadcast, tree_where, weighted_average
 from fslsage_jax.split import SplitModel, Vars, apply_part, init_split, prepare_input
 
+# Every algorithm's state is its own NamedTuple (see its module) with at least these
+# fields: ``round`` (int32 scalar), ``clients`` (client ``Vars`` with a leading client
+# axis), ``client_opt`` and ``frozen`` (None or ``(client, server, aux)`` frozen weights
+# held once for all clients; the ``Vars`` in the other fields have ``frozen=None``).
 
-class State(NamedTuple):
-    """Simulation state. Fields an algorithm does not use are None.
 
-    ``clients``, ``client_opt``, ``aux``, ``aux_opt``, ``buffer`` carry a
-    leading client axis ``[m, ...]``; ``server`` and ``server_opt`` do not,
-    except for SplitFed-MS and FedAvg, where every client has its own copy.
-    ``frozen`` is None or ``(client, server, aux)`` frozen weights, held once for
-    all clients (no client axis); the ``Vars`` in the other fields have ``frozen=None``.
-    """
-    round: jax.Array
-    clients: Vars
-    client_opt: Any
-    server: Any = None
-    server_opt: Any = None
-    aux: Any = None
-    aux_opt: Any = None
-    buffer: Any = None
-    frozen: Any = None
+def resolve_config(cfg: Config, split: SplitModel) -> Config:
+    """``cfg`` with ``strategy="auto"`` replaced by the measured default for this backend,
+    input shape and number of clients (:func:`lifting.auto_strategy`)."""
+    if cfg.strategy != "auto":
+        return cfg
+    return dataclasses.replace(cfg, strategy=auto_strategy(jax.default_backend(), tuple(split.input_shape),
+                                                           cfg.num_clients))
+
+
+def lifter(cfg: Config) -> Callable:
+    """``L(fn, shared=0)``: :func:`lifting.lift` with the config's strategy and chunk size."""
+    return lambda fn, shared=0: lift(fn, cfg.strategy, cfg.chunk_size, shared)
 
 
 def init_parts(split: SplitModel, key: jax.Array) -> tuple[Vars, Vars, Vars, Any]:
@@ -49,19 +50,23 @@ def init_parts(split: SplitModel, key: jax.Array) -> tuple[Vars, Vars, Vars, Any
     return (*(v for v, _ in parts), None if all(f is None for f in frozen) else frozen)
 
 
-def frozen_parts(state: State) -> tuple:
+def frozen_parts(state: Any) -> tuple:
     """``(client, server, aux)`` frozen weights of ``state`` (Nones when there are none)."""
     return (None, None, None) if state.frozen is None else state.frozen
 
 
-METRIC_KEYS = ("loss_sum", "loss_n", "z_up", "g_down", "cos_sum", "cos_n",
-               "align_loss_first", "align_loss_last")
+# What the compiled round counts on the device. Message counts (int32): ``z_up`` samples
+# whose cut activation went up, ``g_down`` cut-layer gradients sent back, ``aux_down``
+# clients that received an aligned auxiliary model, ``models`` clients that exchanged
+# their model with the fed server. The ledger (:mod:`fslsage_jax.comm`) turns them into bytes.
+COUNT_KEYS = ("z_up", "g_down", "aux_down", "models")
+METRIC_KEYS = ("loss_sum", "loss_n", "cos_sum", "cos_n", "align_loss_first",
+               "align_loss_last") + COUNT_KEYS
 
 
 def zero_metrics() -> dict:
-    """On-device round accumulators (float32 sums, int32 sample counts)."""
-    return {k: jnp.zeros((), jnp.int32 if k in ("z_up", "g_down") else jnp.float32)
-            for k in METRIC_KEYS}
+    """On-device round accumulators (float32 sums, int32 message counts)."""
+    return {k: jnp.zeros((), jnp.int32 if k in COUNT_KEYS else jnp.float32) for k in METRIC_KEYS}
 
 
 class ClientArrays(NamedTuple):
@@ -74,9 +79,10 @@ class ClientArrays(NamedTuple):
 class Algorithm(NamedTuple):
     """An algorithm made for one split model and config.
 
-    ``init(key, data) -> State``; ``run_round(state, data, key) -> (state,
-    metrics)`` (compiled); ``global_model(state) -> (client Vars, server Vars)``
-    after aggregation; ``name`` its CLI name.
+    ``init(key) -> state``; ``run_round(state, data, key) -> (state, metrics)``
+    (compiled; ``metrics`` holds the host values of :data:`METRIC_KEYS`);
+    ``global_model(state) -> (client Vars, server Vars)`` after aggregation;
+    ``name`` its CLI name.
     """
     name: str
     init: Callable
@@ -90,6 +96,18 @@ def add_loss(acc: dict, losses: jax.Array, n: jax.Array) -> dict:
             "loss_n": acc["loss_n"] + jnp.sum(n)}
 
 
+def uploads(b, interval: int) -> jax.Array:
+    """Which clients upload (z, y) at this step: active and ``k_i % Q == 0``."""
+    return b.active & (b.k % interval == 0)
+
+
+def count_messages(acc: dict, w: jax.Array, *, z_up: bool, g_down: bool) -> dict:
+    """Add the real samples of ``w [m, B]`` (0 for padding or a client that sent nothing)
+    to the ``z_up`` and/or ``g_down`` counters."""
+    n = jnp.sum(w).astype(jnp.int32)
+    return {**acc, "z_up": acc["z_up"] + n * z_up, "g_down": acc["g_down"] + n * g_down}
+
+
 def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Callable:
     """Compile an algorithm's pieces into ``run_round``.
 
@@ -99,7 +117,10 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
       end: ``end(state, weights [m]) -> state`` (aggregation).
       n_max: padded shard length (static).
     Returns:
-      ``run_round(state, data: ClientArrays, key) -> (state, metrics dict of host floats)``.
+      ``run_round(state, data: ClientArrays, key) -> (state, metrics dict of host values)``;
+      every client that took part exchanged its model with the fed server (``models``).
+      With ``cfg.strategy == "loop"`` the local steps run eagerly (a Python loop over
+      clients of jitted single-client calls: the reference of the benchmarks).
     """
     num_steps = cfg.local_epochs * steps_per_epoch(n_max, cfg.batch_size)
 
@@ -111,18 +132,22 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
         batch = gather_batch(data.x, data.y, data.counts, orders, t, cfg.batch_size)
         return step(state, batch, t, jax.random.fold_in(key, t), acc)
 
-    def finish(state, data):
+    def finish(state, acc, data):
         state = end(state, data.counts.astype(jnp.float32))
-        return state._replace(round=state.round + 1)
+        acc = {**acc, "models": acc["models"] + data.counts.shape[0]}
+        return state._replace(round=state.round + 1), acc
 
     if cfg.step_loop == "scan":
+        if cfg.strategy == "loop":
+            raise ValueError("strategy 'loop' runs the local steps eagerly; use step_loop='host'")
+
         @jax.jit(donate_argnums=(0,))
         def compiled(state, data, key):
             orders, kstep = begin(data, key)
             def body(carry, t):
                 return one(*carry, data, orders, kstep, t), None
             (state, acc), _ = jax.lax.scan(body, (state, zero_metrics()), jnp.arange(num_steps))
-            return finish(state, data), acc
+            return finish(state, acc, data)
 
         def run_round(state, data, key):
             state, acc = compiled(state, data, key)
@@ -132,15 +157,16 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
     if cfg.step_loop != "host":
         raise ValueError(f"unknown step_loop {cfg.step_loop!r}")
     begin_j = jax.jit(begin)
-    one_j = jax.jit(one, donate_argnums=(0, 1))
-    finish_j = jax.jit(finish, donate_argnums=(0,))
+    one_j = one if cfg.strategy == "loop" else jax.jit(one, donate_argnums=(0, 1))
+    finish_j = jax.jit(finish, donate_argnums=(0, 1))
 
     def run_round(state, data, key):
         orders, kstep = begin_j(data, key)
         acc = zero_metrics()
         for t in range(num_steps):
             state, acc = one_j(state, acc, data, orders, kstep, jnp.int32(t))
-        return finish_j(state, data), jax.device_get(acc)
+        state, acc = finish_j(state, acc, data)
+        return state, jax.device_get(acc)
     return run_round
 
 
@@ -155,7 +181,7 @@ def first(tree_m: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x[0], tree_m)
 
 
-def global_vars(state: State, client: Vars, server: Vars) -> tuple[Vars, Vars]:
+def global_vars(state: Any, client: Vars, server: Vars) -> tuple[Vars, Vars]:
     """The global (client, server) variables with the frozen weights attached."""
     fc, fs, _ = frozen_parts(state)
     return client.with_frozen(fc), server.with_frozen(fs)
@@ -207,22 +233,21 @@ def make_serve(split: SplitModel, opt, cfg: Config) -> Callable:
     ``upload=False`` leaves the server untouched (its ``g_z`` and ``loss`` are
     zero). When no client uploads, the whole phase is skipped by a branch.
     """
+    def one(carry, upload, frozen):
+        sv, sopt = carry
+        z, y, w, up, rng = upload
+        sv2, sopt2, gz, loss = steps.server_step(split, opt, sv.with_frozen(frozen), sopt, z, y, w, rng)
+        return tree_where(up, (sv2, sopt2), (sv, sopt)), (gz * up, loss * up)
+    run = sequential(one, cfg.strategy)
+
     def serve(sv, sopt, z, y, w, upload, rng):
         frozen = sv.frozen
-        sv = sv.with_frozen(None)
-
-        def one(carry, upload):
-            sv, sopt = carry
-            z, y, w, up, rng = upload
-            sv2, sopt2, gz, loss = steps.server_step(split, opt, sv.with_frozen(frozen), sopt, z, y, w, rng)
-            return tree_where(up, (sv2, sopt2), (sv, sopt)), (gz * up, loss * up)
-        run = sequential(one, cfg.strategy)
-
         m = upload.shape[0]
         xs = (z, y, w, upload, jax.random.split(rng, m))
+
         def skip(sv, sopt, xs):
             return (sv, sopt), (jnp.zeros_like(z), jnp.zeros((m,), jnp.float32))
-        (sv, sopt), (gz, loss) = jax.lax.cond(jnp.any(upload), lambda a, b, c: run((a, b), c),
-                                              skip, sv, sopt, xs)
+        (sv, sopt), (gz, loss) = branch(jnp.any(upload), lambda a, b, c: run((a, b), c, frozen),
+                                        skip, sv.with_frozen(None), sopt, xs)
         return sv, sopt, gz, loss
     return serve

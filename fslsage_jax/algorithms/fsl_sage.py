@@ -16,72 +16,95 @@ clients are aligned at once against the server state after the step-0 uploads.
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.common import (Config, broadcast, buffer_init, buffer_push, lift,
-                                           optimizer_for, tree_where)
-from fslsage_jax.algorithms.cse_fsl import count_uploads, uploads
+from fslsage_jax.algorithms.buffer import Buffer, buffer_init, buffer_push
+from fslsage_jax.algorithms.config import Config, optimizer_for
 from fslsage_jax.algorithms.definition import AlgorithmDef
-from fslsage_jax.algorithms.engine import (Algorithm, State, add_loss, average_into, first,
-                                           frozen_parts, global_vars, init_parts, make_run_round,
-                                           make_serve)
-from fslsage_jax.split import SplitModel, cut_shape
+from fslsage_jax.algorithms.engine import (Algorithm, add_loss, average_into, count_messages, first,
+                                           frozen_parts, global_vars, init_parts, lifter,
+                                           make_run_round, make_serve, resolve_config, uploads)
+from fslsage_jax.algorithms.lifting import branch
+from fslsage_jax.algorithms.trees import broadcast, tree_where
+from fslsage_jax.split import SplitModel, Vars, cut_shape
 
 NAME = "fsl_sage"
 
 
+class FslSageState(NamedTuple):
+    """``clients``, ``client_opt``, ``aux``, ``aux_opt`` (the alignment optimizer) and
+    ``buffer`` (each client's FIFO of uploaded (z, y)) carry a leading client axis;
+    the server is shared."""
+    round: jax.Array
+    clients: Vars
+    client_opt: Any
+    server: Vars
+    server_opt: Any
+    aux: Vars
+    aux_opt: Any
+    buffer: Buffer
+    frozen: Any = None
+
+
 def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """FSL-SAGE for ``split`` and ``cfg``; client shards padded to ``n_max``."""
-    m, opt = cfg.num_clients, optimizer_for(cfg)
+    cfg = resolve_config(cfg, split)
+    m, opt, L = cfg.num_clients, optimizer_for(cfg), lifter(cfg)
     align_opt = optax.adam(cfg.align_lr)
     serve = make_serve(split, opt, cfg)
-    L = lambda f: lift(f, cfg.strategy, cfg.chunk_size)
     z_shape, z_dtype = cut_shape(split)
 
     def init(key):
         cv, sv, av, frozen = init_parts(split, key)
         buf = buffer_init(cfg.align_buffer_size, z_shape, split.label_shape, z_dtype)
-        return State(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
-                     sv, opt.init(sv.params), broadcast(av, m),
-                     broadcast(align_opt.init(av.params), m), broadcast(buf, m), frozen)
+        return FslSageState(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
+                            sv, opt.init(sv.params), broadcast(av, m),
+                            broadcast(align_opt.init(av.params), m), broadcast(buf, m), frozen)
 
     push = L(buffer_push)
 
     def backward(cv, copt, vjp_fn, g, cstate, active):
         return tree_where(active, steps.client_backward(opt, cv, copt, vjp_fn, g, cstate), (cv, copt))
     backward = L(backward)
+    forward = L(lambda fc, cv, x, w, r: steps.client_forward(split, cv.with_frozen(fc), x, r, w), shared=1)
+    estimate = L(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
+                 shared=1)
+    align_all = L(lambda fa, sv, av, ao, buf, k: steps.align(
+        split, align_opt, av.with_frozen(fa), ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size),
+        shared=2)
 
     def step(state, b, t, rng, acc):
         fc, fs, fa = frozen_parts(state)
-        forward = L(lambda cv, x, w, r: steps.client_forward(split, cv.with_frozen(fc), x, r, w))
-        estimate = L(lambda av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w))
         kc, ks, ka = jax.random.split(rng, 3)
-        z, vjp_fn, cstate = forward(state.clients, b.x, b.w, jax.random.split(kc, m))
+        z, vjp_fn, cstate = forward(fc, state.clients, b.x, b.w, jax.random.split(kc, m))
         up = uploads(b, cfg.server_update_interval)
         sv, sopt, g_true, loss = serve(state.server.with_frozen(fs), state.server_opt, z, b.y, b.w,
                                        up, ks)
-        buf = push(state.buffer, z, b.y, b.w * up[:, None])
+        # the FIFO is only rewritten at a step with uploads
+        buf = branch(jnp.any(up), lambda buf: push(buf, z, b.y, b.w * up[:, None]), lambda buf: buf,
+                     state.buffer)
 
         def do_align(av, ao):
-            align_all = L(lambda av, ao, buf, k: steps.align(
-                split, align_opt, av.with_frozen(fa), ao, sv.with_frozen(fs), buf, k,
-                cfg.align_epochs, cfg.align_batch_size))
-            av, ao, (first_l, last_l) = align_all(av, ao, buf, jax.random.split(ka, m))
-            return av, ao, jnp.mean(first_l), jnp.mean(last_l)
+            av, ao, (first_l, last_l) = align_all(fa, sv.with_frozen(fs), av, ao, buf,
+                                                  jax.random.split(ka, m))
+            return av, ao, jnp.mean(first_l), jnp.mean(last_l), jnp.int32(m)
         aligning = (t == 0) & (state.round % cfg.align_interval == 0)
-        av, ao, l0, l1 = jax.lax.cond(aligning, do_align,
+        av, ao, l0, l1, sent = branch(aligning, do_align,
                                       lambda av, ao: (av, ao, acc["align_loss_first"],
-                                                      acc["align_loss_last"]),
+                                                      acc["align_loss_last"], jnp.int32(0)),
                                       state.aux, state.aux_opt)
-        g_hat = estimate(av, z, b.y, b.w)
+        g_hat = estimate(fa, av, z, b.y, b.w)
         cv, copt = backward(state.clients, state.client_opt, vjp_fn, g_hat, cstate, b.active)
         cos = jax.vmap(steps.cosine)(g_hat, g_true)
-        acc = count_uploads(add_loss(acc, loss, b.w.sum(1) * up), b, up)
+        acc = count_messages(add_loss(acc, loss, b.w.sum(1) * up), b.w * up[:, None], z_up=True,
+                             g_down=False)
         acc = {**acc, "cos_sum": acc["cos_sum"] + jnp.sum(cos * up), "cos_n": acc["cos_n"] + jnp.sum(up),
-               "align_loss_first": l0, "align_loss_last": l1}
+               "align_loss_first": l0, "align_loss_last": l1, "aux_down": acc["aux_down"] + sent}
         state = state._replace(clients=cv, client_opt=copt, server=sv, server_opt=sopt,
                                aux=av, aux_opt=ao, buffer=buf)
         return state, acc
@@ -92,11 +115,12 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), s.server))
 
+
 def round_metrics(acc: dict) -> dict:
     """Mean cosine between the auxiliary estimate and the true server gradient on the
     uploaded batches; the alignment losses in a round that aligned."""
     out = {"grad_cosine": float(acc["cos_sum"] / acc["cos_n"]) if acc["cos_n"] > 0 else None}
-    if acc.get("aux_down", 0) > 0:
+    if acc["aux_down"] > 0:
         out["align_loss_first_epoch"] = float(acc["align_loss_first"])
         out["align_loss_last_epoch"] = float(acc["align_loss_last"])
     return out

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fslsage_jax.algorithms.common import Buffer, buffer_mask, masked_mean, shuffled_order
+from fslsage_jax.algorithms.batching import masked_mean, shuffled_order
+from fslsage_jax.algorithms.buffer import Buffer, buffer_mask
 from fslsage_jax.split import SplitModel, Vars, apply_part, batch_mask, prepare_input
 
 
