@@ -36,7 +36,7 @@ import numpy as np
 from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.config import Config
-from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
+from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate, resolve_config
 from fslsage_jax.comm import GIB, KINDS, Ledger, round_bytes, sizes_of
 from fslsage_jax.split import SplitModel, describe
 
@@ -67,9 +67,12 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
 
 
-@functools.lru_cache(maxsize=8)
-def _build_cached(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
-    return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
+def _build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
+    return (ALGORITHMS[algo_name](split, cfg, n_max),
+            make_evaluate(split, resolve_config(cfg, split).eval_batch_size))
+
+
+_build_cached = functools.lru_cache(maxsize=8)(_build)
 
 
 def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
@@ -79,7 +82,7 @@ def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
     try:
         return _build_cached(algo_name, split, cfg, n_max)
     except TypeError:           # an unhashable split model: build afresh
-        return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
+        return _build(algo_name, split, cfg, n_max)
 
 
 def read_metrics(path: str, rounds: int) -> list[dict]:
@@ -284,7 +287,7 @@ def run_simulation(algo_name: str, task: Task, opts: RunOptions = RunOptions()) 
     state, ledger, records, first, wall_before = _start(algo_name, algo, task, opts, metrics_path)
     if opts.devices != 1:
         from fslsage_jax import sharding
-        state, data, algo = sharding.shard_all(defn.client_fields, algo, state, data, opts.devices)
+        state, data, algo = sharding.shard_all(defn.fields(cfg), algo, state, data, opts.devices)
     stop_reason, diverged_round, budget = "rounds", None, opts.comm_budget_bytes
 
     def save_checkpoint(done: int) -> None:

@@ -25,7 +25,9 @@ class AlgorithmDef:
       name: the CLI name (``--algo``).
       label: the display name (tables, figures).
       make: ``make(split, cfg, n_max) -> Algorithm`` (the compiled round and its state).
-      client_fields: state fields that carry a leading client axis (sharded over devices).
+      client_fields: state fields that carry a leading client axis (sharded over devices),
+        or ``client_fields(cfg) -> tuple`` when they depend on the configuration; read
+        them with :meth:`fields`.
       model_bytes: ``model_bytes(sizes) -> int``: bytes of the model each client sends up
         (and receives down) once per round, from :class:`fslsage_jax.comm.Sizes`.
       uses: the ``Config`` fields it reads beyond :data:`COMMON_FIELDS` (flags that can
@@ -37,11 +39,15 @@ class AlgorithmDef:
     name: str
     label: str
     make: Callable
-    client_fields: tuple[str, ...]
+    client_fields: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
     model_bytes: Callable[[Any], int]
     uses: frozenset = frozenset()
     round_metrics: Callable[[dict], dict] = lambda acc: {}
     color: str | None = None
+
+    def fields(self, cfg) -> tuple[str, ...]:
+        """The state fields with a client axis under ``cfg``."""
+        return self.client_fields(cfg) if callable(self.client_fields) else self.client_fields
 
     def __call__(self, split, cfg, n_max: int):
         """``make(split, cfg, n_max)``: the algorithm built for one split model and config."""
