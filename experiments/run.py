@@ -15,9 +15,7 @@ summary.json and checkpoints/ into --out (default runs/<algo>-<dataset>-<timesta
 Exit codes: 0 done; 2 bad flag (one line on stderr, nothing written); 3 a run
 diverged (non-finite loss or parameter); 130 / 143 stopped by SIGINT / SIGTERM
 after writing a checkpoint (resumable with --resume).
-
-The experiment itself (settings, validation, data, models, resume) is built by
-:mod:`fslsage_jax.experiment`; this file is parsing, printing and exit codes.
+The experiment (settings, checks, data, models, resume) is :mod:`fslsage_jax.experiment`.
 """
 from __future__ import annotations
 
@@ -33,10 +31,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fslsage_jax import experiment as ex  # noqa: E402
-from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
 from fslsage_jax.results import format_table  # noqa: E402
-
-ALGOS = tuple(ALGORITHMS)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,10 +65,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     a("--preset", "set every hyperparameter of one of the paper's experiments (printed when "
                   "used); flags given explicitly override it")
     a("--algo", "algorithm, or 'all' to run the five on the same partition and seed")
-    a("--dataset", "digits: scikit-learn's bundled 8x8 handwritten digits (real data, offline); "
-                   "synthetic: random images for speed tests; cifar10/cifar100: from --data-dir (the "
-                   "original archive or its folder) or tensorflow-datasets; e2e: E2E NLG for --model "
-                   "gpt2, from --data-dir (the CSV release) or tensorflow-datasets")
+    a("--dataset", "digits: scikit-learn's 8x8 digits (real, offline); synthetic: random images for "
+                   "speed tests; cifar10/cifar100: from --data-dir (the original archive or its folder) "
+                   "or tensorflow-datasets; e2e: E2E NLG for --model gpt2 (CSVs in --data-dir, or tfds)")
     a("--model", "split model: cnn (the original's small CNN), resnet18 (the paper's image model), "
                  "gpt2 (GPT-2 with LoRA, --dataset e2e)")
     a("--num-clients", "number of simulated clients m")
@@ -105,9 +99,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("language model (--model gpt2 --dataset e2e)")
     a("--gpt2-size", "GPT-2 shape when no --pretrained config is read: medium (24 blocks, width "
                      "1024) or tiny (4 blocks, width 64; seconds per round on a CPU)", g)
-    a("--pretrained", "Hugging Face GPT-2 weights: a folder with model.safetensors and config.json, "
-                      "or a hub name (e.g. gpt2-medium) when online; without it the model is randomly "
-                      "initialised", g, metavar="PATH_OR_NAME")
+    a("--pretrained", "Hugging Face GPT-2 weights: a folder with model.safetensors and config.json, or a "
+                      "hub name (gpt2-medium) when online; without it: random init", g, metavar="PATH_OR_NAME")
     a("--tokenizer", "GPT-2 tokenizer: a folder with vocab.json and merges.txt, or a hub name "
                      "(default: --pretrained, else gpt2)", g, metavar="PATH_OR_NAME")
     a("--seq-len", "tokens per sequence (pad/truncate)", g)
@@ -117,16 +110,14 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     a("--max-new-tokens", "tokens generated per prompt", g)
     a("--out", "output directory (default runs/<algo>-<dataset>-<timestamp>/)")
     a("--overwrite", "allow writing into a non-empty --out")
-    a("--resume", "continue the run in RUN_DIR from its last checkpoint, with its config.json "
-                  "settings (--rounds and --comm-budget-gib may be raised; --strategy, --step-loop, "
-                  "--chunk-size may change; other settings must match). With --algo all runs, "
-                  "finished algorithms are skipped and unstarted ones start from round 0", metavar="RUN_DIR")
+    a("--resume", "continue the run in RUN_DIR from its last checkpoint with its config.json settings "
+                  "(--rounds, --comm-budget-gib may be raised; --strategy, --step-loop, --chunk-size may "
+                  "change; others must match); --algo all: finished algorithms are skipped", metavar="RUN_DIR")
     a("--checkpoint-every", "save a checkpoint every this many rounds (and always when a run stops, "
                             "except on divergence); the last 3 are kept")
-    a("--strategy", "how the client axis runs: auto (the fastest measured for this backend and input "
-                    "size: vmap, or unroll for images larger than 16x16 on CPU), vmap (batched), map "
-                    "(lax.map, one client after another), chunked (lax.map over vmapped chunks of "
-                    "--chunk-size), unroll (sequential, unrolled in the compiled program)")
+    a("--strategy", "how the client axis runs: auto (measured fastest: vmap, or unroll for images "
+                    "over 16x16 on CPU), vmap, map (lax.map: one client after another), chunked (lax.map "
+                    "over vmapped chunks of --chunk-size), unroll (sequential, unrolled when compiled)")
     a("--chunk-size", "clients per chunk for --strategy chunked")
     a("--step-loop", "scan: a round is one compiled lax.scan over local steps; host: one compiled "
                      "call per local step (faster for convolutions on XLA:CPU)")
@@ -157,17 +148,19 @@ def explicit_flags(argv: list[str]) -> dict:
     return vars(p.parse_args(argv))
 
 
+def err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def fail(msg) -> None:
     """Exit 2 with one line on stderr."""
-    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+    err(f"error: {' '.join(str(msg).split())}")
     raise SystemExit(2)
 
 
 class StopFlag:
-    """Set by SIGINT / SIGTERM: the run stops after the current round with a checkpoint.
-
-    A second signal kills the process at once. ``restore()`` puts the previous handlers back.
-    """
+    """Set by SIGINT / SIGTERM: the run stops after the current round with a checkpoint; a second
+    signal kills the process at once. ``restore()`` puts the previous handlers back."""
 
     def __init__(self):
         self.signum = None
@@ -182,8 +175,8 @@ class StopFlag:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        err(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
+            f"(send it again to stop at once)")
 
     def install(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -216,10 +209,6 @@ def report_stop(s: dict, run_dir: str, out: str) -> None:
     elif s["stop_reason"] == "interrupted":
         err(f"{s['algo']} interrupted after {s['rounds_run']} rounds, {last}; continue with: "
             f"python experiments/run.py --resume {out}")
-
-
-def err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

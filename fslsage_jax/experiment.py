@@ -1,7 +1,7 @@
 """The experiment that ``experiments/run.py`` runs, built and run from Python.
 
-    from fslsage_jax.experiment import ExperimentConfig, build, run
-    cfg = ExperimentConfig(algo="fsl_sage", rounds=3, no_progress=True)
+    from fslsage_jax.experiment import ExperimentConfig, build, run, validate
+    cfg = ExperimentConfig(rounds=3, no_progress=True)        # FSL-SAGE on digits
     validate(cfg)
     summaries = run(build(cfg))          # one summary dict per algorithm
 
