@@ -24,14 +24,12 @@ import json
 import os
 import re
 import shutil
-import signal
 from typing import Any, NamedTuple
 
 import jax
 
 CKPT_DIR = "checkpoints"
 META = "meta.json"
-KILL_IN_SAVE_ENV = "FSLSAGE_TEST_KILL_IN_SAVE"   # test hook: SIGKILL self while saving round N
 _NAME = re.compile(r"^round_(\d+)$")
 
 
@@ -115,8 +113,6 @@ def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3) -> Ch
         ckptr.wait_until_finished()
     finally:
         ckptr.close()
-    if os.environ.get(KILL_IN_SAVE_ENV) == str(rounds):
-        os.kill(os.getpid(), signal.SIGKILL)
     meta = {**meta, "rounds": rounds, "num_leaves": len(leaves),
             "shapes": [list(v.shape) for v in leaves.values()],
             "dtypes": [str(v.dtype) for v in leaves.values()]}

@@ -37,7 +37,8 @@ from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate, resolve_config
-from fslsage_jax.comm import GIB, KINDS, Ledger, round_bytes, sizes_of
+from fslsage_jax.comm import KINDS, Ledger, round_bytes, sizes_of
+from fslsage_jax.results import gib_to_target, read_metrics
 from fslsage_jax.split import SplitModel, describe
 
 
@@ -49,14 +50,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def gib_to_target(records: list[dict], target: float) -> float | None:
-    """Cumulative GiB at the first round whose test accuracy reaches ``target``."""
-    for r in records:
-        if r["test_accuracy"] >= target:
-            return r["comm_bytes"] / GIB
-    return None
 
 
 @jax.jit
@@ -83,28 +76,6 @@ def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
         return _build_cached(algo_name, split, cfg, n_max)
     except TypeError:           # an unhashable split model: build afresh
         return _build(algo_name, split, cfg, n_max)
-
-
-def read_metrics(path: str, rounds: int) -> list[dict]:
-    """The first ``rounds`` records of a ``metrics.jsonl`` (rounds 0..rounds-1, in order).
-
-    Raises:
-      ValueError: the file holds fewer complete, consecutive records.
-    """
-    records = []
-    if rounds > 0:
-        with open(path) as f:
-            for line in f:
-                if len(records) == rounds or not line.endswith("\n"):
-                    break
-                rec = json.loads(line)
-                if rec.get("round") != len(records):
-                    break
-                records.append(rec)
-    if len(records) < rounds:
-        raise ValueError(f"{path} holds {len(records)} complete rounds but the checkpoint has "
-                         f"{rounds}")
-    return records
 
 
 def truncate_metrics(path: str, records: list[dict]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 # Config fields every algorithm reads; an algorithm's ``uses`` lists the others it reads.
 COMMON_FIELDS = frozenset({"num_clients", "local_epochs", "batch_size", "lr", "weight_decay",
                            "optimizer", "adam_eps", "warmup_steps", "strategy", "chunk_size",
-                           "step_loop"})
+                           "step_loop", "eval_batch_size"})
 
 
 @dataclasses.dataclass(frozen=True)

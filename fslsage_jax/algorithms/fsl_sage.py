@@ -152,6 +152,6 @@ ALGORITHM = AlgorithmDef(
     client_fields=("clients", "client_opt", "aux", "aux_opt", "buffer"),
     model_bytes=lambda sizes: sizes.client,
     uses=frozenset({"server_update_interval", "align_interval", "align_epochs", "align_batch_size",
-                    "align_buffer_size", "align_target_scale", "aux_lr", "aux_weight_decay",
+                    "align_buffer_size", "align_target_scale", "align_client_chunk", "aux_lr", "aux_weight_decay",
                     "warm_start"}),
     round_metrics=round_metrics, color="tab:red")
