@@ -79,4 +79,4 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 ALGORITHM = AlgorithmDef(
     name=NAME, label="CSE-FSL", make=make, client_fields=("clients", "client_opt", "aux", "aux_opt"),
     model_bytes=lambda sizes: sizes.client + sizes.aux, uses=frozenset({"server_update_interval"}),
-    color="tab:purple")
+    color="tab:purple", persistent_fields=("client_opt", "aux_opt"))

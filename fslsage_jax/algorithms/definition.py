@@ -26,6 +26,12 @@ class AlgorithmDef:
       label: the display name (tables, figures).
       make: ``make(split, cfg, n_max) -> Algorithm`` (the compiled round and its state).
       client_fields: state fields that carry a leading client axis (sharded over devices).
+      persistent_fields: the client-axis fields that each client keeps across rounds
+        (its optimizer state, its own auxiliary model, its alignment buffer); the other
+        client-axis fields are global: the round's aggregation makes them identical for
+        every client. With cohort sampling (:mod:`fslsage_jax.population`) persistent
+        fields live in a per-client host store and global ones once. None: not declared
+        (cohort sampling is refused).
       model_bytes: ``model_bytes(sizes) -> int``: bytes of the model each client sends up
         (and receives down) once per round, from :class:`fslsage_jax.comm.Sizes`.
       uses: the ``Config`` fields it reads beyond :data:`COMMON_FIELDS` (flags that can
@@ -40,6 +46,7 @@ class AlgorithmDef:
     client_fields: tuple[str, ...]
     model_bytes: Callable[[Any], int]
     uses: frozenset = frozenset()
+    persistent_fields: tuple[str, ...] | None = None
     round_metrics: Callable[[dict], dict] = lambda acc: {}
     color: str | None = None
 

@@ -63,4 +63,5 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
 ALGORITHM = AlgorithmDef(
     name=NAME, label="FedAvg", make=make, client_fields=("clients", "client_opt", "server"),
-    model_bytes=lambda sizes: sizes.client + sizes.server, color="tab:blue")
+    model_bytes=lambda sizes: sizes.client + sizes.server, color="tab:blue",
+    persistent_fields=("client_opt",))

@@ -132,4 +132,5 @@ ALGORITHM = AlgorithmDef(
     model_bytes=lambda sizes: sizes.client,
     uses=frozenset({"server_update_interval", "align_interval", "align_epochs", "align_batch_size",
                     "align_buffer_size", "align_lr"}),
-    round_metrics=round_metrics, color="tab:red")
+    round_metrics=round_metrics, color="tab:red",
+    persistent_fields=("client_opt", "aux", "aux_opt", "buffer"))
