@@ -17,6 +17,12 @@ from fslsage_jax.simulate import RunOptions, Task, run_simulation
 from conftest import make_toy, toy_config
 
 N, K, N_MAX = 7, 3, 6
+TOY = make_toy()     # one instance: simulate.build caches the compiled algorithm per split
+
+
+def _algo(name, m):
+    from fslsage_jax.simulate import build
+    return build(name, TOY, toy_config(num_clients=m), N_MAX)[0]
 
 
 def _pop_data(seed=0):
@@ -38,7 +44,7 @@ def _stack(rows):
 def _reference(algo_name, rounds, seed=3):
     """Cohort rounds built by hand: dict client -> persistent state, run_round on the cohort."""
     defn = ALGORITHMS[algo_name]
-    algo = defn(make_toy(), toy_config(num_clients=K), N_MAX)
+    algo = _algo(algo_name, K)
     state = algo.init(jax.random.key(0))
     init_rows = {f: _rows(getattr(state, f), 0) for f in defn.persistent_fields}
     kept, data, mets = {}, _pop_data(), []
@@ -59,7 +65,7 @@ def _reference(algo_name, rounds, seed=3):
 def test_cohort_rounds_equal_hand_built_reference(algo_name):
     defn = ALGORITHMS[algo_name]
     ref_state, ref_kept, ref_mets = _reference(algo_name, 3)
-    algo = defn(make_toy(), toy_config(num_clients=K), N_MAX)
+    algo = _algo(algo_name, K)
     state = algo.init(jax.random.key(0))
     pop = Population(defn, _pop_data(), K, seed=3)
     pop.attach(state)
@@ -137,7 +143,7 @@ TEST_Y = np.array([0, 1, 2, 1, 0], np.int32)
 
 def _sim(algo, out, **kw):
     kw = {"rounds": 4, "seed": 3, "progress": False, "checkpoint_every": 1, "cohort_size": K, **kw}
-    task = Task(make_toy(), toy_config(num_clients=N), _pop_data(), TEST_X, TEST_Y)
+    task = Task(TOY, toy_config(num_clients=N), _pop_data(), TEST_X, TEST_Y)
     return run_simulation(algo, task, RunOptions(out_dir=str(out), **kw))
 
 
