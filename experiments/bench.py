@@ -111,11 +111,11 @@ def memory_now() -> dict:
     return out
 
 
-def state_bytes(state, algo_name: str, m: int) -> dict:
+def state_bytes(state, algo_name: str, m: int, cfg) -> dict:
     """Bytes of the state per client (fields with a client axis, divided by m) and shared."""
     from fslsage_jax.algorithms import ALGORITHMS
     from fslsage_jax.split import tree_bytes
-    per = set(ALGORITHMS[algo_name].client_fields)
+    per = set(ALGORITHMS[algo_name].fields(cfg))
     client = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f in per and v is not None)
     shared = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f not in per and v is not None)
     return {"state_bytes_per_client": client / m, "state_bytes_shared": shared,
@@ -139,8 +139,8 @@ def time_engine(algo_name, split, cfg, data, rounds: int, devices=1) -> dict:
     state = _block(algo.init(jax.random.key(0)))
     if devices != 1:
         from fslsage_jax.sharding import shard_all
-        state, data, algo = shard_all(ALGORITHMS[algo_name].client_fields, algo, state, data, devices)
-    sizes = state_bytes(state, algo_name, cfg.num_clients)
+        state, data, algo = shard_all(ALGORITHMS[algo_name].fields(cfg), algo, state, data, devices)
+    sizes = state_bytes(state, algo_name, cfg.num_clients, cfg)
     t0 = time.perf_counter()
     state, _ = algo.run_round(state, data, jax.random.key(1))
     _block(state)

@@ -19,11 +19,12 @@ import sys
 import textwrap
 from typing import NamedTuple
 
-ALGOS = ("fed_avg", "sl_multi_server", "sl_single_server", "cse_fsl", "fsl_sage")
-ALGO_LABELS = {"fed_avg": "FedAvg", "sl_multi_server": "SplitFed-MS", "sl_single_server": "SplitFed-SS",
-               "cse_fsl": "CSE-FSL", "fsl_sage": "FSL-SAGE"}
-ALGO_COLORS = {"fed_avg": "tab:blue", "sl_multi_server": "tab:orange", "sl_single_server": "tab:green",
-               "cse_fsl": "tab:purple", "fsl_sage": "tab:red"}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
+from fslsage_jax.results import (ResultsError, format_table, gib_to_target, read_metrics,  # noqa: E402
+                                 record_gib, summarize)
+
 # config.json keys that never distinguish one experiment from another in a label
 _LABEL_IGNORE = {"algo", "out", "overwrite", "no_progress", "describe", "data_dir", "config", "strategy",
                  "chunk_size", "step_loop", "jax_version", "backend", "client_sample_counts", "n_train",
@@ -40,31 +41,8 @@ class Run(NamedTuple):
     summary: dict
 
 
-class PlotError(Exception):
-    """A problem with the inputs, reported as one line and exit status 2."""
-
-
-def read_metrics(path: str) -> list[dict]:
-    """Read a metrics.jsonl file, skipping a truncated (undecodable) last line.
-
-    Args:
-      path: the metrics.jsonl file.
-    Returns:
-      the per-round records, in file order.
-    Raises:
-      PlotError: a line other than the last is not valid JSON.
-    """
-    with open(path) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    records = []
-    for i, ln in enumerate(lines):
-        try:
-            records.append(json.loads(ln))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a run killed while writing its last round
-                break
-            raise PlotError(f"{path}: line {i + 1} is not valid JSON") from None
-    return records
+# A problem with the inputs, reported as one line and exit status 2 (unreadable metrics included).
+PlotError = ResultsError
 
 
 def _read_json(path: str) -> dict:
@@ -73,6 +51,22 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def algo_rank(algo: str) -> int:
+    """Position of ``algo`` in ``ALGORITHMS`` (unknown names last)."""
+    return list(ALGORITHMS).index(algo) if algo in ALGORITHMS else len(ALGORITHMS)
+
+
+def algo_label(algo: str) -> str:
+    """The display name of ``algo`` (its own name if unknown)."""
+    return ALGORITHMS[algo].label if algo in ALGORITHMS else algo
+
+
+def algo_color(algo: str, i: int = 0) -> str:
+    """The colour of ``algo``'s curves (matplotlib's ``C<i>`` if it has none)."""
+    color = ALGORITHMS[algo].color if algo in ALGORITHMS else None
+    return color or f"C{i % 10}"
 
 
 def expand_run_dirs(paths: list[str]) -> list[str]:
@@ -94,8 +88,7 @@ def expand_run_dirs(paths: list[str]) -> list[str]:
                 if os.path.isfile(os.path.join(p, d, "metrics.jsonl"))]
         if not subs:
             raise PlotError(f"{p}: no metrics.jsonl in it or in its sub-directories")
-        order = {a: i for i, a in enumerate(ALGOS)}
-        out.extend(sorted(subs, key=lambda s: (order.get(os.path.basename(s), len(ALGOS)), s)))
+        out.extend(sorted(subs, key=lambda s: (algo_rank(os.path.basename(s)), s)))
     return out
 
 
@@ -115,20 +108,6 @@ def load_run(path: str) -> Run:
     summary = _read_json(os.path.join(path, "summary.json"))
     algo = config.get("algo") or summary.get("algo") or os.path.basename(os.path.normpath(path))
     return Run(path, algo, config, records, summary)
-
-
-def gib_to_target(gibs, accs, target: float) -> float | None:
-    """Cumulative GiB at the first round whose accuracy reaches ``target`` (None if none does).
-
-    Args:
-      gibs: cumulative communication per round, in GiB.
-      accs: test accuracy per round.
-      target: accuracy to reach (>=).
-    """
-    for g, a in zip(gibs, accs):
-        if a >= target:
-            return float(g)
-    return None
 
 
 def accuracy_at_gib(gibs, accs, budget: float) -> float | None:
@@ -151,7 +130,7 @@ def accuracy_at_gib(gibs, accs, budget: float) -> float | None:
 def series(run: Run) -> tuple[list[int], list[float], list[float]]:
     """(rounds, cumulative GiB, test accuracy) of a run."""
     rounds = [int(r.get("round", i)) for i, r in enumerate(run.records)]
-    gibs = [float(r["comm_gib"]) if "comm_gib" in r else r["comm_bytes"] / 2 ** 30 for r in run.records]
+    gibs = [record_gib(r) for r in run.records]
     accs = [float(r["test_accuracy"]) for r in run.records]
     return rounds, gibs, accs
 
@@ -169,7 +148,7 @@ def run_labels(runs: list[Run]) -> list[str]:
     labels = []
     for r in runs:
         extra = ", ".join(f"{k}={_fmt(r.config.get(k))}" for k in differing)
-        name = ALGO_LABELS.get(r.algo, r.algo)
+        name = algo_label(r.algo)
         labels.append(f"{name} ({extra})" if extra else name)
     if len(set(labels)) < len(labels):
         labels = [f"{lab} [{os.path.basename(os.path.normpath(r.path))}]" for lab, r in zip(labels, runs)]
@@ -185,22 +164,16 @@ def default_target(runs: list[Run]) -> float:
     return DEFAULT_TARGET
 
 
-def format_table(runs: list[Run], labels: list[str], target: float) -> str:
+def table(runs: list[Run], labels: list[str], target: float) -> str:
     """Markdown table: run, final accuracy, best accuracy, total GiB, GiB to target, rounds."""
-    rows = [f"| run | final acc | best acc | total GiB | GiB to {target:g} | rounds |",
-            "|---|---|---|---|---|---|"]
-    for r, lab in zip(runs, labels):
-        _, gibs, accs = series(r)
-        g = gib_to_target(gibs, accs, target)
-        rows.append(f"| {lab} | {accs[-1]:.4f} | {max(accs):.4f} | {gibs[-1]:.4f} | "
-                    f"{'-' if g is None else f'{g:.4f}'} | {len(accs)} |")
-    return "\n".join(rows)
+    return format_table([{**summarize(r.records, target), "name": lab} for r, lab in zip(runs, labels)],
+                        target, name_header="run", target_format="g")
 
 
 def _colors(runs: list[Run]) -> list[str]:
     algos = [r.algo for r in runs]
-    if len(set(algos)) == len(algos) and all(a in ALGO_COLORS for a in algos):
-        return [ALGO_COLORS[a] for a in algos]
+    if len(set(algos)) == len(algos) and all(a in ALGORITHMS and ALGORITHMS[a].color for a in algos):
+        return [algo_color(a) for a in algos]
     return [f"C{i % 10}" for i in range(len(runs))]
 
 
@@ -226,14 +199,14 @@ def plot_runs(runs: list[Run], out: str, target: float, title: str | None = None
     colors = _colors(runs)
     fig, (ax_c, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     lo = min(min(series(r)[2]) for r in runs)
-    crossings = [gib_to_target(*series(r)[1:], target) for r in runs]
+    crossings = [gib_to_target(r.records, target) for r in runs]
     rank = {i: k for k, i in enumerate(sorted((i for i, g in enumerate(crossings) if g is not None),
                                               key=lambda i: crossings[i]))}
     for i, (r, lab, col) in enumerate(zip(runs, labels, colors)):
         rounds, gibs, accs = series(r)
         ax_c.plot(gibs, accs, color=col, label=lab, lw=1.5)
         ax_r.plot(rounds, accs, color=col, label=lab, lw=1.5)
-        g = gib_to_target(gibs, accs, target)
+        g = crossings[i]
         if g is not None:
             ax_c.plot([g], [target], marker="o", color=col, ms=6, mec="black", mew=0.6, zorder=5)
             ax_c.annotate(f"{g:.3g} GiB", xy=(g, target), xytext=(14, -16 - 15 * rank[i]),
@@ -296,7 +269,7 @@ def main(argv=None) -> int:
     target = args.target if args.target is not None else default_target(runs)
     out = args.out or os.path.join(args.runs[0], "accuracy.png")
     plot_runs(runs, out, target, args.title, args.logx, args.ymin)
-    print(format_table(runs, run_labels(runs), target))
+    print(table(runs, run_labels(runs), target))
     print(f"wrote {out}")
     return 0
 

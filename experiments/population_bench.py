@@ -50,7 +50,7 @@ def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int
     defn = ALGORITHMS["fsl_sage"]
     algo = defn(split, cfg, clients.x.shape[1])
     state = jax.jit(algo.init)(jax.random.key(seed))
-    pop = Population(defn, clients, cohort, seed)
+    pop = Population(defn, cfg, clients, cohort, seed)
     pop.attach(state)
     times, acc = [], None
     for t in range(rounds):
@@ -60,7 +60,7 @@ def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    per_client = sum(bytes_per_client(defn, state).values())
+    per_client = sum(bytes_per_client(defn, cfg, state).values())
     return {"population": population, "cohort": cohort, "rounds": rounds,
             "samples_per_client": samples, "align_buffer_size": buffer, "backend": dev.platform,
             "first_round_s": times[0], "s_per_round": float(np.mean(times[1:])) if rounds > 1 else None,
@@ -91,7 +91,7 @@ def bytes_table() -> str:
         for _, model, shape, classes in models:
             split = MODELS[model](shape, classes)
             state = jax.eval_shape(defn(split, cfg, 8).init, jax.random.key(0))
-            b = bytes_per_client(defn, state)
+            b = bytes_per_client(defn, cfg, state)
             what = ", ".join(b)
             cells.append(f"{sum(b.values()):,} B ({sum(b.values()) / 2 ** 20:.2f} MiB)")
         rows.append(f"| {name} | {what} | " + " | ".join(cells) + " |")

@@ -34,7 +34,9 @@ def _load(name: str):
 
 
 plot = _load("plot")
-ALGOS = plot.ALGOS
+from fslsage_jax.results import gib_to_target  # noqa: E402 (importable once plot set sys.path)
+
+ALGOS = tuple(plot.ALGORITHMS)
 _RESERVED = ("--algo", "--distribution", "--alpha", "--out", "--overwrite")
 
 
@@ -78,8 +80,7 @@ def discover(out: str) -> list[tuple[float, str, str]]:
             run_dir = os.path.join(out, d, algo)
             if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
                 found.append((alpha, algo, run_dir))
-    order = {a: i for i, a in enumerate(ALGOS)}
-    return sorted(found, key=lambda t: (order.get(t[1], len(ALGOS)), t[1], t[0]))
+    return sorted(found, key=lambda t: (plot.algo_rank(t[1]), t[1], t[0]))
 
 
 def collect(found: list[tuple[float, str, str]], at_gib: float | None,
@@ -103,10 +104,10 @@ def collect(found: list[tuple[float, str, str]], at_gib: float | None,
             "alpha": alpha, "algo": algo, "dir": r.path,
             "accuracy_at_gib": plot.accuracy_at_gib(gibs, accs, budget),
             "final_accuracy": accs[-1], "best_accuracy": max(accs), "total_gib": gibs[-1],
-            "gib_to_target": plot.gib_to_target(gibs, accs, tgt), "rounds_run": len(accs),
+            "gib_to_target": gib_to_target(r.records, tgt), "rounds_run": len(accs),
             "stop_reason": r.summary.get("stop_reason", "incomplete"),
         })
-    algos = sorted({x["algo"] for x in results}, key=lambda a: (ALGOS.index(a) if a in ALGOS else 99, a))
+    algos = sorted({x["algo"] for x in results}, key=lambda a: (plot.algo_rank(a), a))
     return {"at_gib": budget, "target_accuracy": tgt, "algos": algos,
             "alphas": sorted({x["alpha"] for x in results}), "results": results}
 
@@ -125,7 +126,7 @@ def format_md(sweep: dict) -> str:
         for a in alphas:
             v = cell.get((algo, a), "")
             vals.append("" if v == "" else "-" if v is None else f"{v:.4f}")
-        rows.append(f"| {plot.ALGO_LABELS.get(algo, algo)} | " + " | ".join(vals) + " |")
+        rows.append(f"| {plot.algo_label(algo)} | " + " | ".join(vals) + " |")
     return "\n".join(rows)
 
 
@@ -141,7 +142,7 @@ def plot_sweep(sweep: dict, out: str, title: str | None = None) -> str:
                      if x["algo"] == algo and x["accuracy_at_gib"] is not None)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.5,
-                    color=plot.ALGO_COLORS.get(algo, f"C{i % 10}"), label=plot.ALGO_LABELS.get(algo, algo))
+                    color=plot.algo_color(algo, i), label=plot.algo_label(algo))
     ax.set_xscale("log")
     ax.set_xlabel("Dirichlet alpha (smaller = more heterogeneous)")
     ax.set_ylabel(f"test accuracy at {sweep['at_gib']:.3g} GiB")

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,7 +31,6 @@ import jax
 
 CKPT_DIR = "checkpoints"
 META = "meta.json"
-KILL_IN_SAVE_ENV = "FSLSAGE_TEST_KILL_IN_SAVE"   # test hook: SIGKILL self while saving round N
 _NAME = re.compile(r"^round_(\d+)$")
 
 
@@ -121,8 +119,6 @@ def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3,
         ckptr.close()
     if extra is not None:
         extra(tmp)
-    if os.environ.get(KILL_IN_SAVE_ENV) == str(rounds):
-        os.kill(os.getpid(), signal.SIGKILL)
     meta = {**meta, "rounds": rounds, "num_leaves": len(leaves),
             "shapes": [list(v.shape) for v in leaves.values()],
             "dtypes": [str(v.dtype) for v in leaves.values()]}

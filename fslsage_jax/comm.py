@@ -58,14 +58,16 @@ def round_bytes(model_bytes: int, sizes: Sizes, counts: Mapping[str, int]) -> di
         (``AlgorithmDef.model_bytes(sizes)``).
       sizes: from :func:`sizes_of`.
       counts: the round's ``z_up``, ``g_down`` (samples), ``aux_down`` (clients sent an
-        aligned auxiliary model) and ``models`` (clients that exchanged their model).
+        aligned auxiliary model), ``models`` (clients that exchanged their model with the
+        fed server) and ``aux_models`` (clients that exchanged their auxiliary model).
     Returns:
       ``{kind: bytes}`` for every kind in :data:`KINDS`.
     """
-    z_up, models = int(counts["z_up"]), int(counts["models"])
+    z_up = int(counts["z_up"])
+    exchanged = int(counts["models"]) * model_bytes + int(counts["aux_models"]) * sizes.aux
     return {"smashed_up": z_up * sizes.z_per_sample,
             "grad_down": int(counts["g_down"]) * sizes.z_per_sample,
-            "model_up": models * model_bytes, "model_down": models * model_bytes,
+            "model_up": exchanged, "model_down": exchanged,
             "aux_down": int(counts["aux_down"]) * sizes.aux,
             "labels_up": z_up * sizes.label_per_sample}
 

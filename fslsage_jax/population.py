@@ -48,25 +48,26 @@ STORE_FILE = "population.npz"
 _TAG = 0x636F686F          # "coho": keeps cohort draws apart from other uses of the seed
 
 
-def persistent_fields(defn) -> tuple[str, ...]:
-    """The algorithm's per-client fields kept across rounds.
+def persistent_fields(defn, cfg) -> tuple[str, ...]:
+    """The algorithm's per-client fields kept across rounds under ``cfg``.
 
     Raises:
       ValueError: the algorithm does not declare them (cohort sampling is then refused).
     """
-    if defn.persistent_fields is None:
+    fields = defn.persistent(cfg)
+    if fields is None:
         raise ValueError(f"{defn.name} does not declare its persistent per-client fields; "
                          f"cohort sampling needs AlgorithmDef.persistent_fields")
-    bad = set(defn.persistent_fields) - set(defn.client_fields)
+    bad = set(fields) - set(defn.fields(cfg))
     if bad:
         raise ValueError(f"{defn.name}: persistent fields {sorted(bad)} are not client fields")
-    return tuple(defn.persistent_fields)
+    return tuple(fields)
 
 
-def global_fields(defn) -> tuple[str, ...]:
+def global_fields(defn, cfg) -> tuple[str, ...]:
     """Client-axis fields that the round's aggregation makes identical for every client."""
-    keep = set(persistent_fields(defn))
-    return tuple(f for f in defn.client_fields if f not in keep)
+    keep = set(persistent_fields(defn, cfg))
+    return tuple(f for f in defn.fields(cfg) if f not in keep)
 
 
 def check_cohort(cohort_size: int, population: int) -> None:
@@ -220,6 +221,7 @@ class Population:
 
     Args:
       defn: the :class:`~fslsage_jax.algorithms.definition.AlgorithmDef`.
+      cfg: the algorithm's :class:`~fslsage_jax.algorithms.config.Config`.
       data: the population's padded client data (numpy ``x [N, n_max, ...]``, ``y``,
         ``counts [N]``).
       cohort_size: K.
@@ -229,9 +231,9 @@ class Population:
         (default ``jax.device_put``; sharded runs pass their mesh layout).
     """
 
-    def __init__(self, defn, data: Any, cohort_size: int, seed: int, weighted: bool = False,
+    def __init__(self, defn, cfg, data: Any, cohort_size: int, seed: int, weighted: bool = False,
                  place_state: Callable | None = None, place_data: Callable | None = None):
-        self.fields = persistent_fields(defn)
+        self.fields = persistent_fields(defn, cfg)
         self.x, self.y = np.asarray(data.x), np.asarray(data.y)
         self.counts = np.asarray(data.counts, np.int32)
         self.population = int(self.counts.shape[0])
@@ -296,11 +298,11 @@ class Population:
         self.store.load(path)
 
 
-def bytes_per_client(defn, state: Any) -> dict:
+def bytes_per_client(defn, cfg, state: Any) -> dict:
     """Bytes one client keeps per persistent field, from a state with a client axis
     (shapes only: works on ``jax.eval_shape`` output)."""
     out = {}
-    for f in persistent_fields(defn):
+    for f in persistent_fields(defn, cfg):
         leaves = jax.tree_util.tree_leaves(getattr(state, f))
         out[f] = int(sum(np.prod(x.shape[1:], dtype=np.int64) * np.dtype(x.dtype).itemsize
                          for x in leaves))

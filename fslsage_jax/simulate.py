@@ -36,8 +36,9 @@ import numpy as np
 from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.config import Config
-from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
-from fslsage_jax.comm import GIB, KINDS, Ledger, round_bytes, sizes_of
+from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate, resolve_config
+from fslsage_jax.comm import KINDS, Ledger, round_bytes, sizes_of
+from fslsage_jax.results import gib_to_target, read_metrics
 from fslsage_jax.split import SplitModel, describe
 
 
@@ -51,14 +52,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def gib_to_target(records: list[dict], target: float) -> float | None:
-    """Cumulative GiB at the first round whose test accuracy reaches ``target``."""
-    for r in records:
-        if r["test_accuracy"] >= target:
-            return r["comm_bytes"] / GIB
-    return None
-
-
 @jax.jit
 def tree_all_finite(tree: Any) -> jax.Array:
     """One compiled reduction: True iff every float leaf of ``tree`` is finite."""
@@ -67,9 +60,12 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
 
 
-@functools.lru_cache(maxsize=8)
-def _build_cached(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
-    return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
+def _build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
+    return (ALGORITHMS[algo_name](split, cfg, n_max),
+            make_evaluate(split, resolve_config(cfg, split).eval_batch_size))
+
+
+_build_cached = functools.lru_cache(maxsize=8)(_build)
 
 
 def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
@@ -79,29 +75,7 @@ def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
     try:
         return _build_cached(algo_name, split, cfg, n_max)
     except TypeError:           # an unhashable split model: build afresh
-        return ALGORITHMS[algo_name](split, cfg, n_max), make_evaluate(split)
-
-
-def read_metrics(path: str, rounds: int) -> list[dict]:
-    """The first ``rounds`` records of a ``metrics.jsonl`` (rounds 0..rounds-1, in order).
-
-    Raises:
-      ValueError: the file holds fewer complete, consecutive records.
-    """
-    records = []
-    if rounds > 0:
-        with open(path) as f:
-            for line in f:
-                if len(records) == rounds or not line.endswith("\n"):
-                    break
-                rec = json.loads(line)
-                if rec.get("round") != len(records):
-                    break
-                records.append(rec)
-    if len(records) < rounds:
-        raise ValueError(f"{path} holds {len(records)} complete rounds but the checkpoint has "
-                         f"{rounds}")
-    return records
+        return _build(algo_name, split, cfg, n_max)
 
 
 def truncate_metrics(path: str, records: list[dict]) -> None:
@@ -296,7 +270,7 @@ def run_simulation(algo_name: str, task: Task, opts: RunOptions = RunOptions()) 
     pop = None
     if opts.cohort_size not in (None, population):
         from fslsage_jax.population import Population
-        pop = Population(defn, task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted)
+        pop = Population(defn, cfg, task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted)
         cfg = dataclasses.replace(cfg, num_clients=pop.k)
     algo, evaluate = build(algo_name, split, cfg, n_max)
     sizes, model_bytes = sizes_of(split), defn.model_bytes(sizes_of(split))
@@ -311,14 +285,15 @@ def run_simulation(algo_name: str, task: Task, opts: RunOptions = RunOptions()) 
     state, ledger, records, first, wall_before = _start(algo_name, algo, task, opts, metrics_path, pop)
     if opts.devices != 1:
         from fslsage_jax import sharding
+        fields = defn.fields(cfg)
         if pop is None:
-            state, data, algo = sharding.shard_all(defn.client_fields, algo, state, data, opts.devices)
+            state, data, algo = sharding.shard_all(fields, algo, state, data, opts.devices)
         else:
             mesh = sharding.client_mesh(opts.devices)
-            state = sharding.shard_state(state, defn.client_fields, mesh)
-            pop.place_state = lambda s: jax.device_put(s, sharding.state_shardings(s, defn.client_fields, mesh))
+            state = sharding.shard_state(state, fields, mesh)
+            pop.place_state = lambda s: jax.device_put(s, sharding.state_shardings(s, fields, mesh))
             pop.place_data = lambda d: jax.device_put(d, sharding.data_shardings(d, mesh))
-            algo = algo._replace(run_round=sharding.sharded_round(algo.run_round, defn.client_fields, mesh))
+            algo = algo._replace(run_round=sharding.sharded_round(algo.run_round, fields, mesh))
     if pop is not None:
         algo = algo._replace(run_round=pop.wrap(algo.run_round))
     stop_reason, diverged_round, budget = "rounds", None, opts.comm_budget_bytes

@@ -94,7 +94,7 @@ def test_round_bytes_and_ledger_arithmetic():
     from fslsage_jax.comm import Sizes
     sizes = Sizes(client=1000, server=5000, aux=300, z_per_sample=16384, label_per_sample=4)
     r = round_bytes(ALGORITHMS["fsl_sage"].model_bytes(sizes), sizes,
-                    {"z_up": 2560, "g_down": 0, "aux_down": 10, "models": 10})
+                    {"z_up": 2560, "g_down": 0, "aux_down": 10, "models": 10, "aux_models": 0})
     assert r == dict(smashed_up=2560 * 16384, grad_down=0, model_up=10_000, model_down=10_000,
                      aux_down=3000, labels_up=10240)
     led = Ledger.empty().add(r).add(r)

@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import run  # noqa: E402
 
+from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
+
 BOUNDS = {"fed_avg": (0.9, 0.9), "sl_multi_server": (0.9, 0.9), "sl_single_server": (0.9, 0.9),
           "cse_fsl": (0.9, 0.88), "fsl_sage": (0.89, 0.78)}     # (best, final)
 
@@ -27,7 +29,7 @@ def test_all_algorithms_learn_digits_and_write_outputs(tmp_path, capsys):
                      "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    for algo in run.ALGOS:
+    for algo in ALGORITHMS:
         d = out / algo
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["algo"] == algo and cfg["config"]["batch_size"] == 32
@@ -46,4 +48,4 @@ def test_all_algorithms_learn_digits_and_write_outputs(tmp_path, capsys):
         assert s["best_accuracy"] >= best_min and s["final_accuracy"] >= final_min, (algo, s)
         assert f"| {algo} |" in printed
     table = json.loads((out / "comparison.json").read_text())
-    assert [s["algo"] for s in table] == list(run.ALGOS)
+    assert [s["algo"] for s in table] == list(ALGORITHMS)

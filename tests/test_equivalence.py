@@ -55,12 +55,12 @@ def _avg_all(items, counts):
 def reference_round(algo, split, cfg, st, data, key, rnd):
     """A round of ``algo`` as a Python loop over clients; ``st`` is a dict of per-client lists."""
     opt = make_optimizer(cfg.lr, cfg.weight_decay)
-    aopt = optax.adam(cfg.align_lr)
+    aopt = make_optimizer(cfg.aux_lr, cfg.aux_weight_decay)
     fwd = jax.jit(functools.partial(steps.client_forward, split))
     bwd = jax.jit(functools.partial(steps.client_backward, opt))
     srv = jax.jit(functools.partial(steps.server_step, split, opt))
     full = jax.jit(functools.partial(steps.full_step, split, opt))
-    local = jax.jit(functools.partial(steps.local_aux_step, split, opt, opt))
+    local = jax.jit(functools.partial(steps.local_aux_step, split, opt, aopt))
     est = jax.jit(functools.partial(steps.aux_grad_estimate, split))
     aln = jax.jit(functools.partial(steps.align, split, aopt, epochs=cfg.align_epochs,
                                     batch_size=cfg.align_batch_size))

@@ -11,6 +11,12 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import plot
 import sweep
 
+from fslsage_jax.results import gib_to_target
+
+
+def _recs(gibs, accs):
+    return [{"test_accuracy": a, "comm_gib": g} for g, a in zip(gibs, accs)]
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -40,12 +46,12 @@ def is_png(path):
 
 def test_gib_to_target_hand_numbers():
     gibs, accs = [0.1, 0.2, 0.3, 0.4], [0.5, 0.79, 0.81, 0.9]
-    assert plot.gib_to_target(gibs, accs, 0.8) == 0.3
-    assert plot.gib_to_target(gibs, accs, 0.79) == 0.2   # reaching counts (>=)
-    assert plot.gib_to_target(gibs, accs, 0.5) == 0.1
-    assert plot.gib_to_target(gibs, accs, 0.95) is None
+    assert gib_to_target(_recs(gibs, accs), 0.8) == 0.3
+    assert gib_to_target(_recs(gibs, accs), 0.79) == 0.2   # reaching counts (>=)
+    assert gib_to_target(_recs(gibs, accs), 0.5) == 0.1
+    assert gib_to_target(_recs(gibs, accs), 0.95) is None
     # the first crossing, not the last, when accuracy dips again
-    assert plot.gib_to_target([1, 2, 3], [0.9, 0.7, 0.95], 0.85) == 1.0
+    assert gib_to_target(_recs([1, 2, 3], [0.9, 0.7, 0.95]), 0.85) == 1.0
 
 
 def test_accuracy_at_gib_hand_numbers():
@@ -160,8 +166,8 @@ def test_tiny_real_sweep_through_run_py(tmp_path):
 def test_sweep_reports_failed_runs_and_continues(tmp_path, capsys):
     # run.py rejects the batch size before any training; the sweep records it and goes on
     argv = ["--out", str(tmp_path / "sw"), "--algos", "fed_avg", "cse_fsl", "--alphas", "1",
-            "--batch-size", "100000", "--no-progress"]
+            "--batch-size", "0", "--no-progress"]
     assert sweep.main(argv) == 2                    # nothing to plot
     err = capsys.readouterr().err
-    assert "--batch-size 100000" in err
+    assert "--batch-size 0" in err
     assert "alpha=1 fed_avg: FAILED" in err and "alpha=1 cse_fsl: FAILED" in err

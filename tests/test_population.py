@@ -46,17 +46,18 @@ def _reference(algo_name, rounds, seed=3):
     defn = ALGORITHMS[algo_name]
     algo = _algo(algo_name, K)
     state = algo.init(jax.random.key(0))
-    init_rows = {f: _rows(getattr(state, f), 0) for f in defn.persistent_fields}
+    fields = defn.persistent(toy_config())
+    init_rows = {f: _rows(getattr(state, f), 0) for f in fields}
     kept, data, mets = {}, _pop_data(), []
     for t in range(rounds):
         ids = sample_cohort(seed, t, N, K)
-        per = {f: _stack([kept.get(int(i), init_rows)[f] for i in ids]) for f in defn.persistent_fields}
+        per = {f: _stack([kept.get(int(i), init_rows)[f] for i in ids]) for f in fields}
         state = state._replace(**{f: jnp.asarray(v) if not isinstance(v, tuple) else v
                                   for f, v in jax.tree_util.tree_map(jnp.asarray, per).items()})
         cohort = ClientArrays(*(jnp.asarray(np.asarray(a)[ids]) for a in data))
         state, acc = algo.run_round(state, cohort, jax.random.key(100 + t))
         for j, i in enumerate(ids):
-            kept[int(i)] = {f: _rows(getattr(state, f), j) for f in defn.persistent_fields}
+            kept[int(i)] = {f: _rows(getattr(state, f), j) for f in fields}
         mets.append(acc)
     return state, kept, mets
 
@@ -67,14 +68,14 @@ def test_cohort_rounds_equal_hand_built_reference(algo_name):
     ref_state, ref_kept, ref_mets = _reference(algo_name, 3)
     algo = _algo(algo_name, K)
     state = algo.init(jax.random.key(0))
-    pop = Population(defn, _pop_data(), K, seed=3)
+    pop = Population(defn, toy_config(num_clients=K), _pop_data(), K, seed=3)
     pop.attach(state)
     for t in range(3):
         state, acc = pop.run_round(algo.run_round, state, jax.random.key(100 + t), t)
         assert acc == ref_mets[t]
         assert acc["models"] == K
         # global client-axis fields are identical for every client after the round
-        for f in population.global_fields(defn):
+        for f in population.global_fields(defn, toy_config()):
             for leaf in jax.tree_util.tree_leaves(getattr(state, f)):
                 np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[0], leaf.shape))
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
@@ -88,9 +89,11 @@ def test_cohort_rounds_equal_hand_built_reference(algo_name):
 
 def test_persistent_fields_are_declared_client_fields():
     for defn in ALGORITHMS.values():
-        assert set(population.persistent_fields(defn)) <= set(defn.client_fields)
-        assert "clients" in population.global_fields(defn)
-        assert "client_opt" in defn.persistent_fields
+        for cfg in (toy_config(), toy_config(fedavg_server="shared")):
+            assert set(population.persistent_fields(defn, cfg)) <= set(defn.fields(cfg))
+            assert "clients" in population.global_fields(defn, cfg)
+            assert "client_opt" in defn.persistent(cfg)
+    assert ALGORITHMS["fed_avg"].persistent(toy_config(fedavg_server="shared")) == ("client_opt", "server_opt")
 
 
 def test_sample_cohort_is_seeded_distinct_sorted_and_weighted():

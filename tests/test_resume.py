@@ -177,9 +177,27 @@ def test_same_result_across_strategies(toy, tmp_path, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the CLI, killed
-CLI = ["--num-clients", "4", "--batch-size", "128", "--rounds", "4", "--align-epochs", "1",
-       "--align-interval", "2", "--align-batch-size", "100", "--align-buffer-size", "100",
-       "--checkpoint-every", "2", "--no-progress"]
+CLI = ["--num-clients", "4", "--batch-size", "128", "--rounds", "4", "--checkpoint-every", "2",
+       "--no-progress"]
+SAGE = ["--align-epochs", "1", "--align-interval", "2", "--align-batch-size", "100", "--align-buffer-size", "100"]
+
+# Runs the CLI's main() with the rename that publishes checkpoint round N (argv[1]) replaced by
+# SIGKILL: the process dies in the middle of that save, after orbax wrote the state.
+KILL_IN_SAVE = """
+import os, signal, sys
+doomed = ".tmp-round_%06d" % int(sys.argv[1])
+replace = os.replace
+
+def replace_or_die(src, dst, *a, **k):
+    if os.path.basename(os.fspath(src)) == doomed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *a, **k)
+
+os.replace = replace_or_die
+sys.path.insert(0, {experiments!r})
+import run
+sys.exit(run.main(sys.argv[2:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +209,10 @@ def env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def _start(args, env, **kw):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "run.py"), *args],
-                            env={**env, **kw}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(args, env, script=None):
+    script = script or os.path.join(ROOT, "experiments", "run.py")
+    return subprocess.Popen([sys.executable, script, *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _count_lines(path):
@@ -218,8 +237,8 @@ def _finish(proc):
 
 def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, env):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    assert _finish(_start(["--algo", "fsl_sage", *CLI, "--out", str(ref_dir)], env))[0] == 0
-    p = _start(["--algo", "fsl_sage", *CLI, "--out", str(run_dir)], env)
+    assert _finish(_start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(ref_dir)], env))[0] == 0
+    p = _start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(run_dir)], env)
     _wait_for_lines(run_dir / "metrics.jsonl", 1, p)
     p.send_signal(signal.SIGTERM)
     code, _, err = _finish(p)
@@ -229,7 +248,9 @@ def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, en
     assert checkpoint.latest(str(run_dir)).rounds == s["rounds_run"]
     assert "--resume" in err.strip().splitlines()[-1]
     # resume, and die by SIGKILL in the middle of writing the round-4 checkpoint
-    p = _start(["--resume", str(run_dir)], env, FSLSAGE_TEST_KILL_IN_SAVE="4")
+    killer = tmp_path / "kill_in_save.py"
+    killer.write_text(KILL_IN_SAVE.format(experiments=os.path.join(ROOT, "experiments")))
+    p = _start(["4", "--resume", str(run_dir)], env, script=str(killer))
     code, _, err = _finish(p)
     assert code == -signal.SIGKILL, err
     assert checkpoint.latest(str(run_dir)).rounds == s["rounds_run"]        # the old one stays valid

@@ -15,6 +15,7 @@ import pytest
 
 from fslsage_jax import sharding
 from fslsage_jax.algorithms import ALGORITHMS
+from fslsage_jax.algorithms.config import Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,7 +51,7 @@ WORKER = textwrap.dedent("""
             data = ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts))
             state = algo.init(jax.random.key(0))
             if devices > 1:
-                state, data, algo = sharding.shard_all(ALGORITHMS[algo_name].client_fields, algo, state, data, devices)
+                state, data, algo = sharding.shard_all(ALGORITHMS[algo_name].fields(cfg), algo, state, data, devices)
             mets, n_after_first = [], None
             for r in range(2):
                 state, m = algo.run_round(state, data, jax.random.key(10 + r))
@@ -68,7 +69,7 @@ WORKER = textwrap.dedent("""
         out[algo_name] = res
     try:
         algo = ALGORITHMS["fed_avg"](make_toy(), Config(**{**base, "num_clients": 6}), N)
-        sharding.shard_state(algo.init(jax.random.key(0)), ALGORITHMS["fed_avg"].client_fields,
+        sharding.shard_state(algo.init(jax.random.key(0)), ALGORITHMS["fed_avg"].fields(Config()),
                              sharding.client_mesh(4))
         out["error"] = None
     except ValueError as e:
@@ -109,7 +110,7 @@ def test_layout_and_no_recompilation(sharded_results, algo):
     one, eight = sharded_results[algo]
     assert eight["client_devices"] == 8 and eight["client_shard_rows"] == 1
     assert one["client_devices"] == 1 and one["client_shard_rows"] == 8
-    if "server" in ALGORITHMS[algo].client_fields:
+    if "server" in ALGORITHMS[algo].fields(Config()):
         assert not eight["server_replicated"]
     else:
         assert eight["server_replicated"]
@@ -130,5 +131,5 @@ def test_parse_and_resolve_devices():
     with pytest.raises(ValueError, match="device"):
         sharding.resolve_devices(jax.device_count() + 1)
     assert ALGORITHMS["sl_multi_server"].client_fields[-2:] == ("server", "server_opt")
-    assert "server" in ALGORITHMS["fed_avg"].client_fields
-    assert "server" not in ALGORITHMS["fsl_sage"].client_fields
+    assert "server" in ALGORITHMS["fed_avg"].fields(Config())
+    assert "server" not in ALGORITHMS["fsl_sage"].fields(Config())

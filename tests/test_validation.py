@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import run
 
+from fslsage_jax import experiment
+
 # (argv, text the one line must contain)
 BAD = [
     (["--num-clients", "0"], "--num-clients 0: must be a positive integer"),
@@ -43,7 +45,6 @@ BAD = [
     (["--rounds", "abc"], "argument --rounds: invalid int value: 'abc'"),
     (["--bogus", "3"], "unrecognized arguments: --bogus 3"),
     (["--num-clients", "5000"], "--num-clients 5000: more clients than the 1437 training samples"),
-    (["--batch-size", "1000"], "--batch-size 1000: larger than the smallest client shard (479 samples)"),
     (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data: no such file or directory"),
 ]
 
@@ -84,15 +85,16 @@ def test_unreadable_data_maps_to_exit_2(tmp_path, capsys, monkeypatch):
     def broken(*a, **k):
         raise OSError("archive truncated")
     monkeypatch.setattr(data, "load_dataset", broken)
-    line = _main_fails(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
-    assert line == f"error: --data-dir {tmp_path}: cannot load dataset digits (OSError: archive truncated)"
+    line = _main_fails(["--dataset", "cifar10", "--model", "resnet18", "--data-dir", str(tmp_path),
+                        "--out", str(tmp_path / "o")], capsys)
+    assert line == f"error: --data-dir {tmp_path}: cannot load dataset cifar10 (OSError: archive truncated)"
     assert not (tmp_path / "o").exists()
 
 
 def test_incompatible_model_and_dataset(tmp_path, capsys, monkeypatch):
-    assert run._cnn_input_error((8, 8, 1), 10) is None
-    assert "needs images (H, W, C)" in run._cnn_input_error((64,), 10)
-    monkeypatch.setitem(run.MODEL_INPUT_CHECKS, "cnn",
+    assert experiment._cnn_input_error((8, 8, 1), 10) is None
+    assert "needs images (H, W, C)" in experiment._cnn_input_error((64,), 10)
+    monkeypatch.setitem(experiment.MODEL_INPUT_CHECKS, "cnn",
                         lambda shape, k: None if shape[0] >= 32 else "needs 32x32 images")
     line = _main_fails(["--out", str(tmp_path / "o")], capsys)
     assert line == "error: --model cnn: cannot be used with --dataset digits: needs 32x32 images"
@@ -101,7 +103,7 @@ def test_incompatible_model_and_dataset(tmp_path, capsys, monkeypatch):
 
     def unbuildable(shape, k):
         raise ValueError("kernel larger than input")
-    monkeypatch.setitem(run.MODEL_INPUT_CHECKS, "cnn", lambda shape, k: None)
+    monkeypatch.setitem(experiment.MODEL_INPUT_CHECKS, "cnn", lambda shape, k: None)
     monkeypatch.setitem(models.MODELS, "cnn", unbuildable)
     line = _main_fails(["--out", str(tmp_path / "o")], capsys)
     assert line.startswith("error: --model cnn: cannot be built for --dataset digits inputs of shape (8, 8, 1)")
@@ -159,11 +161,11 @@ def test_resume_plan_of_an_all_run(tmp_path):
             (d / "checkpoints" / "round_000002" / "meta.json").write_text("{}")
         return str(d)
     done = {"stop_reason": "rounds", "rounds_run": 5}
-    assert run.resume_plan(sub("a", done, True), 5) == ("skip", done)
-    assert run.resume_plan(sub("b", done, True), 8) == ("resume", None)          # --rounds raised
-    assert run.resume_plan(sub("c", {"stop_reason": "diverged", "rounds_run": 1}), 5)[0] == "skip"
-    assert run.resume_plan(sub("d", {"stop_reason": "interrupted", "rounds_run": 2}, True), 5)[0] == "resume"
-    assert run.resume_plan(sub("e"), 5) == ("fresh", None)
+    assert experiment.resume_plan(sub("a", done, True), 5) == ("skip", done)
+    assert experiment.resume_plan(sub("b", done, True), 8) == ("resume", None)          # --rounds raised
+    assert experiment.resume_plan(sub("c", {"stop_reason": "diverged", "rounds_run": 1}), 5)[0] == "skip"
+    assert experiment.resume_plan(sub("d", {"stop_reason": "interrupted", "rounds_run": 2}, True), 5)[0] == "resume"
+    assert experiment.resume_plan(sub("e"), 5) == ("fresh", None)
 
 
 def test_subprocess_error_is_one_line_without_traceback_within_seconds(tmp_path):
@@ -176,3 +178,96 @@ def test_subprocess_error_is_one_line_without_traceback_within_seconds(tmp_path)
     assert p.stderr.startswith("error: argument --algo: invalid choice: 'fedsgd' (choose from 'fed_avg'")
     assert not (tmp_path / "o").exists()
     assert time.time() - t0 < 60
+
+
+# flags that cannot have an effect: (argv, the one line must contain); issue 13 item 7
+USELESS = [
+    (["--alpha", "0.5"], "--alpha 0.5: only for --distribution dirichlet"),
+    (["--data-dir", ROOT], f"--data-dir {ROOT}: --dataset digits reads no files"),
+    (["--dataset", "synthetic", "--data-dir", ROOT], "--data-dir"),
+    (["--algo", "cse_fsl", "--align-epochs", "3"], "--align-epochs 3: not used by --algo cse_fsl (only by fsl_sage)"),
+    (["--algo", "fed_avg", "--align-interval", "2"], "--align-interval 2: not used by --algo fed_avg"),
+    (["--algo", "sl_multi_server", "--align-batch-size", "8"], "--align-batch-size 8: not used by"),
+    (["--algo", "sl_single_server", "--align-buffer-size", "8"], "--align-buffer-size 8: not used by"),
+    (["--algo", "fed_avg", "--server-update-interval", "2"],
+     "--server-update-interval 2: not used by --algo fed_avg (only by cse_fsl, fsl_sage)"),
+    (["--algo", "sl_single_server", "--server-update-interval", "5"], "--server-update-interval 5"),
+    (["--gpt2-size", "tiny"], "--gpt2-size tiny: only for --model gpt2"),
+    (["--pretrained", "gpt2"], "--pretrained gpt2: only for --model gpt2"),
+    (["--tokenizer", "gpt2"], "--tokenizer gpt2: only for --model gpt2"),
+    (["--seq-len", "64"], "--seq-len 64: only for --model gpt2"),
+    (["--e2e-splits", "train,test"], "--e2e-splits train,test: only for --model gpt2"),
+    (["--max-new-tokens", "8"], "--max-new-tokens 8: only for --model gpt2"),
+    (["--chunk-size", "4"], "--chunk-size 4: only for --strategy chunked"),
+    (["--strategy", "vmap", "--chunk-size", "4"], "--chunk-size 4: only for --strategy chunked (not vmap)"),
+    (["--model", "gpt2", "--dataset", "e2e", "--max-new-tokens", "8"], "--max-new-tokens 8: only with --generate"),
+    (["--model", "gpt2", "--dataset", "e2e", "--pretrained", ROOT, "--gpt2-size", "tiny"],
+     "--gpt2-size tiny: the shape comes from --pretrained"),
+]
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Loading any data fails the test: flags must be refused before."""
+    from fslsage_jax import data
+    from fslsage_jax.data import e2e
+
+    def touched(*a, **k):
+        pytest.fail("data loaded")
+    monkeypatch.setattr(data, "load_dataset", touched)
+    monkeypatch.setattr(e2e, "load_e2e", touched)
+
+
+@pytest.mark.parametrize("argv, text", USELESS, ids=[" ".join(a) for a, _ in USELESS])
+def test_flag_without_effect_exits_2_before_loading_data(argv, text, tmp_path, capsys, no_data):
+    line = _main_fails([*argv, "--out", str(tmp_path / "fresh")], capsys)
+    assert line.startswith("error: ") and text in line
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--algo", "all", "--align-epochs", "3", "--server-update-interval", "2"],   # some algorithm uses them
+    ["--algo", "cse_fsl", "--server-update-interval", "2"],
+    ["--preset", "e2e_gpt2_tiny", "--algo", "cse_fsl"],       # align-* set by the preset: not explicit
+    ["--preset", "cifar10_resnet18", "--algo", "fed_avg"],
+    ["--distribution", "dirichlet", "--alpha", "0.5"],
+    ["--strategy", "chunked", "--chunk-size", "4"],
+    ["--model", "gpt2", "--dataset", "e2e", "--seq-len", "64", "--gpt2-size", "tiny", "--generate", "2",
+     "--max-new-tokens", "8"],
+], ids=lambda a: " ".join(a))
+def test_flags_with_an_effect_are_accepted(argv, capsys, no_data):
+    assert run.main([*argv, "--describe"]) == 0
+
+
+def test_library_validate_refuses_the_same():
+    from fslsage_jax.experiment import ConfigError, ExperimentConfig, preset_config, validate
+    with pytest.raises(ConfigError, match="--align-epochs 3: not used by --algo cse_fsl"):
+        validate(ExperimentConfig(algo="cse_fsl", align_epochs=3))
+    with pytest.raises(ConfigError, match="--batch-size 0: must be a positive integer"):
+        validate(ExperimentConfig(batch_size=0))
+    with pytest.raises(ConfigError, match="--algo nope: choose from fed_avg"):
+        validate(ExperimentConfig(algo="nope"))
+    validate(preset_config("e2e_gpt2_tiny", algo="cse_fsl"))          # preset values count as defaults
+    validate(ExperimentConfig(algo="cse_fsl", align_epochs=3), explicit={"algo"})
+
+
+def test_batch_larger_than_every_shard_is_one_step_on_the_whole_shard(tmp_path):
+    """Issue 13 item 6: 8 digits clients of 179 samples, batch 256: ceil(179 / 256) = 1 step per
+    epoch on the whole shard; FSL-SAGE uploads every sample at k = 0, SplitFed-MS (2 epochs) twice."""
+    out = tmp_path / "sage"
+    assert run.main(["--algo", "fsl_sage", "--num-clients", "8", "--rounds", "2", "--align-epochs", "1",
+                     "--align-batch-size", "100", "--align-buffer-size", "100", "--out", str(out),
+                     "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    n, z = sum(s["client_sample_counts"]), 4 * s["cut_shape"][0]
+    assert max(s["client_sample_counts"]) < 256 and n == 8 * 179
+    assert [r["comm"]["smashed_up"] for r in recs] == [n * z, 2 * n * z]
+    assert [r["comm"]["labels_up"] for r in recs] == [4 * n, 8 * n]
+    assert recs[-1]["comm"]["model_up"] == 2 * 8 * s["model_bytes"]["client"]
+    assert [r["comm"]["aux_down"] for r in recs] == [8 * s["model_bytes"]["aux"]] * 2   # aligned at round 0 only
+    out = tmp_path / "ms"
+    assert run.main(["--algo", "sl_multi_server", "--num-clients", "8", "--rounds", "1", "--local-epochs", "2",
+                     "--out", str(out), "--no-progress"]) == 0
+    (rec,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rec["comm"]["smashed_up"] == rec["comm"]["grad_down"] == 2 * n * z

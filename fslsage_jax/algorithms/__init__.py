@@ -15,4 +15,7 @@ ALGORITHMS: dict[str, AlgorithmDef] = {a.name: a for a in (
     fsl_sage.ALGORITHM,
 )}
 
-__all__ = ["ALGORITHMS", "AlgorithmDef"]
+# what --algo runs when not given: the paper's algorithm
+DEFAULT_ALGORITHM = fsl_sage.NAME
+
+__all__ = ["ALGORITHMS", "AlgorithmDef", "DEFAULT_ALGORITHM"]

@@ -14,13 +14,14 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.batching import epoch_orders, gather_batch, steps_per_epoch
-from fslsage_jax.algorithms.config import Config
+from fslsage_jax.algorithms.config import ALIGN_CHUNK_BYTES, EVAL_LOGITS_BYTES, Config
 from fslsage_jax.algorithms.lifting import auto_strategy, branch, lift, sequential
 from fslsage_jax.algorithms.trees import broadcast, tree_where, weighted_average
-from fslsage_jax.split import SplitModel, Vars, apply_part, init_split, prepare_input
+from fslsage_jax.split import SplitModel, Vars, apply_part, cut_shape, init_split, prepare_input
 
 # Every algorithm's state is its own NamedTuple (see its module) with at least these
 # fields: ``round`` (int32 scalar), ``clients`` (client ``Vars`` with a leading client
@@ -29,12 +30,21 @@ from fslsage_jax.split import SplitModel, Vars, apply_part, init_split, prepare_
 
 
 def resolve_config(cfg: Config, split: SplitModel) -> Config:
-    """``cfg`` with ``strategy="auto"`` replaced by the measured default for this backend,
-    input shape and number of clients (:func:`lifting.auto_strategy`)."""
-    if cfg.strategy != "auto":
-        return cfg
-    return dataclasses.replace(cfg, strategy=auto_strategy(jax.default_backend(), tuple(split.input_shape),
-                                                           cfg.num_clients))
+    """``cfg`` with its automatic settings made concrete: ``strategy="auto"`` (the
+    measured default for this backend, input shape and number of clients:
+    :func:`lifting.auto_strategy`), ``align_client_chunk=0`` and ``eval_batch_size=0``
+    (memory bounds, see :class:`Config`)."""
+    new = {}
+    if cfg.strategy == "auto":
+        new["strategy"] = auto_strategy(jax.default_backend(), tuple(split.input_shape), cfg.num_clients)
+    if cfg.align_client_chunk <= 0:
+        z_shape, z_dtype = cut_shape(split)
+        buf = cfg.align_buffer_size * int(np.prod(z_shape)) * np.dtype(z_dtype).itemsize
+        new["align_client_chunk"] = cfg.num_clients if buf <= ALIGN_CHUNK_BYTES else 1
+    if cfg.eval_batch_size <= 0:
+        per_sample = 4 * split.num_classes * int(np.prod(split.label_shape or (1,)))
+        new["eval_batch_size"] = int(min(1000, max(1, 2 ** int(np.log2(max(EVAL_LOGITS_BYTES // per_sample, 1))))))
+    return dataclasses.replace(cfg, **new) if new else cfg
 
 
 def lifter(cfg: Config) -> Callable:
@@ -58,8 +68,10 @@ def frozen_parts(state: Any) -> tuple:
 # What the compiled round counts on the device. Message counts (int32): ``z_up`` samples
 # whose cut activation went up, ``g_down`` cut-layer gradients sent back, ``aux_down``
 # clients that received an aligned auxiliary model, ``models`` clients that exchanged
-# their model with the fed server. The ledger (:mod:`fslsage_jax.comm`) turns them into bytes.
-COUNT_KEYS = ("z_up", "g_down", "aux_down", "models")
+# their model with the fed server (up and down), ``aux_models`` clients that exchanged
+# their auxiliary model with it (CSE-FSL). The ledger (:mod:`fslsage_jax.comm`) turns
+# them into bytes.
+COUNT_KEYS = ("z_up", "g_down", "aux_down", "models", "aux_models")
 METRIC_KEYS = ("loss_sum", "loss_n", "cos_sum", "cos_n", "align_loss_first",
                "align_loss_last") + COUNT_KEYS
 
@@ -114,7 +126,8 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
     Args:
       cfg: the configuration (epochs, batch size, step loop).
       step: ``step(state, batch: Batch, t: int32 lockstep index, rng, acc) -> (state, acc)``.
-      end: ``end(state, weights [m]) -> state`` (aggregation).
+      end: ``end(state, weights [m], acc) -> (state, acc)`` (aggregation; it may count
+        model exchanges beyond the client models', e.g. ``aux_models``).
       n_max: padded shard length (static).
     Returns:
       ``run_round(state, data: ClientArrays, key) -> (state, metrics dict of host values)``;
@@ -133,7 +146,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
         return step(state, batch, t, jax.random.fold_in(key, t), acc)
 
     def finish(state, acc, data):
-        state = end(state, data.counts.astype(jnp.float32))
+        state, acc = end(state, data.counts.astype(jnp.float32), acc)
         acc = {**acc, "models": acc["models"] + data.counts.shape[0]}
         return state._replace(round=state.round + 1), acc
 
@@ -152,6 +165,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
         def run_round(state, data, key):
             state, acc = compiled(state, data, key)
             return state, jax.device_get(acc)
+        run_round.lower = lambda state, data: {"round": compiled.lower(state, data, _KEY)}
         return run_round
 
     if cfg.step_loop != "host":
@@ -167,7 +181,21 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
             state, acc = one_j(state, acc, data, orders, kstep, jnp.int32(t))
         state, acc = finish_j(state, acc, data)
         return state, jax.device_get(acc)
+
+    def lower(state, data):
+        """The round's programs lowered for these (possibly abstract) inputs."""
+        orders, kstep = jax.eval_shape(begin, data, _KEY)
+        acc = jax.eval_shape(zero_metrics)
+        t = jax.ShapeDtypeStruct((), jnp.int32)
+        progs = {"round_begin": begin_j.lower(data, _KEY), "round_finish": finish_j.lower(state, acc, data)}
+        if cfg.strategy != "loop":
+            progs["round_step"] = one_j.lower(state, acc, data, orders, kstep, t)
+        return progs
+    run_round.lower = lower
     return run_round
+
+
+_KEY = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
 
 def average_into(tree_m: Any, weights: jax.Array) -> Any:
@@ -205,6 +233,12 @@ def make_evaluate(split: SplitModel, batch_size: int = 1000) -> Callable:
             w = w * split.eval_weight(y)
         return jnp.sum(loss(logits, y) * w), jnp.sum(split.correct(logits, y) * w), jnp.sum(w)
 
+    def lower(cv, sv, x, y):
+        """The evaluation program for one minibatch of the (possibly abstract) set ``x, y``."""
+        b = min(batch_size, x.shape[0])
+        spec = lambda a: jax.ShapeDtypeStruct((b, *a.shape[1:]), a.dtype)
+        return sums.lower(cv, sv, spec(x), spec(y), jax.ShapeDtypeStruct((b,), jnp.float32))
+
     def evaluate(cv, sv, x, y):
         n = x.shape[0]
         tot_loss, tot_correct, tot_w = 0.0, 0.0, 0.0
@@ -221,10 +255,11 @@ def make_evaluate(split: SplitModel, batch_size: int = 1000) -> Callable:
         tot_loss, tot_correct, tot_w = jax.device_get((tot_loss, tot_correct, tot_w))
         tot_w = max(float(tot_w), 1e-30)
         return float(tot_loss) / tot_w, float(tot_correct) / tot_w
+    evaluate.lower = lower
     return evaluate
 
 
-def make_serve(split: SplitModel, opt, cfg: Config) -> Callable:
+def make_serve(split: SplitModel, opt, cfg: Config, per_client_opt: bool = False) -> Callable:
     """One shared server consuming the clients' uploads in client order.
 
     Returns ``serve(sv, sopt, z, y, w, upload, rng) -> (sv, sopt, g_z, loss)``
@@ -232,22 +267,32 @@ def make_serve(split: SplitModel, opt, cfg: Config) -> Callable:
     weights; the returned ``sv`` does not); a client with
     ``upload=False`` leaves the server untouched (its ``g_z`` and ``loss`` are
     zero). When no client uploads, the whole phase is skipped by a branch.
+    With ``per_client_opt`` the server's optimizer state ``sopt`` has a client
+    axis: client i's update uses and advances its own state (the authors' FedAvg).
     """
     def one(carry, upload, frozen):
-        sv, sopt = carry
-        z, y, w, up, rng = upload
+        if per_client_opt:
+            sv, (sopt, z, y, w, up, rng) = carry, upload
+        else:
+            (sv, sopt), (z, y, w, up, rng) = carry, upload
         sv2, sopt2, gz, loss = steps.server_step(split, opt, sv.with_frozen(frozen), sopt, z, y, w, rng)
-        return tree_where(up, (sv2, sopt2), (sv, sopt)), (gz * up, loss * up)
+        sv, sopt = tree_where(up, (sv2, sopt2), (sv, sopt))
+        out = (gz * up, loss * up)
+        return (sv, out + (sopt,)) if per_client_opt else ((sv, sopt), out)
     run = sequential(one, cfg.strategy)
 
     def serve(sv, sopt, z, y, w, upload, rng):
-        frozen = sv.frozen
-        m = upload.shape[0]
+        frozen, m = sv.frozen, upload.shape[0]
         xs = (z, y, w, upload, jax.random.split(rng, m))
+
+        def go(sv, sopt, xs):
+            if per_client_opt:
+                sv, (gz, loss, sopt) = run(sv, (sopt,) + xs, frozen)
+                return (sv, sopt), (gz, loss)
+            return run((sv, sopt), xs, frozen)
 
         def skip(sv, sopt, xs):
             return (sv, sopt), (jnp.zeros_like(z), jnp.zeros((m,), jnp.float32))
-        (sv, sopt), (gz, loss) = branch(jnp.any(upload), lambda a, b, c: run((a, b), c, frozen),
-                                        skip, sv.with_frozen(None), sopt, xs)
+        (sv, sopt), (gz, loss) = branch(jnp.any(upload), go, skip, sv.with_frozen(None), sopt, xs)
         return sv, sopt, gz, loss
     return serve

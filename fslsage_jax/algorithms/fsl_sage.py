@@ -9,6 +9,16 @@ takes one step on it and appends it to the client's FIFO alignment buffer.
 Every l rounds, at local step 0 and after that step's uploads, every auxiliary
 model is aligned to the current server (:func:`steps.align`) and sent to its
 client. Client models are averaged each round; auxiliary models never are.
+The auxiliary model's optimizer is its own (``Config.aux_lr``,
+``aux_weight_decay``: the authors' Adam 1e-3 without decay). Optional warm start
+(``Config.warm_start``, the authors' option, off by default): the first round(s)
+are CSE-FSL's (local auxiliary training, CSE-FSL's messages, no alignment); the
+alignment schedule counts rounds from the end of the warm start.
+
+Alignment targets are the server's gradients in training mode (batch statistics
+of the buffer); the server's BatchNorm running statistics of that pass are
+discarded (the authors' code keeps them: their server sees each aligned client's
+whole buffer in one training-mode forward pass).
 
 Simulation semantics: clients run in lockstep; the server consumes the
 uploads of a step one after another in client order; in an alignment round all
@@ -20,16 +30,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from fslsage_jax.algorithms import steps
+from fslsage_jax.algorithms import cse_fsl, steps
 from fslsage_jax.algorithms.buffer import Buffer, buffer_init, buffer_push
-from fslsage_jax.algorithms.config import Config, optimizer_for
+from fslsage_jax.algorithms.config import Config, aux_optimizer_for, optimizer_for
 from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import (Algorithm, add_loss, average_into, count_messages, first,
                                            frozen_parts, global_vars, init_parts, lifter,
                                            make_run_round, make_serve, resolve_config, uploads)
-from fslsage_jax.algorithms.lifting import branch
+from fslsage_jax.algorithms.lifting import branch, lift
 from fslsage_jax.algorithms.trees import broadcast, tree_where
 from fslsage_jax.split import SplitModel, Vars, cut_shape
 
@@ -55,7 +64,7 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """FSL-SAGE for ``split`` and ``cfg``; client shards padded to ``n_max``."""
     cfg = resolve_config(cfg, split)
     m, opt, L = cfg.num_clients, optimizer_for(cfg), lifter(cfg)
-    align_opt = optax.adam(cfg.align_lr)
+    align_opt = aux_optimizer_for(cfg)
     serve = make_serve(split, opt, cfg)
     z_shape, z_dtype = cut_shape(split)
 
@@ -74,11 +83,13 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     forward = L(lambda fc, cv, x, w, r: steps.client_forward(split, cv.with_frozen(fc), x, r, w), shared=1)
     estimate = L(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
                  shared=1)
-    align_all = L(lambda fa, sv, av, ao, buf, k: steps.align(
-        split, align_opt, av.with_frozen(fa), ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size),
-        shared=2)
+    # alignment: align_client_chunk clients at once (vmapped), chunks one after another
+    align_all = lift(lambda fa, sv, av, ao, buf, k: steps.align(
+        split, align_opt, av.with_frozen(fa), ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size,
+        cfg.align_target_scale), cfg.strategy if cfg.align_client_chunk >= m or cfg.strategy == "loop"
+        else "chunked", cfg.align_client_chunk, shared=2)
 
-    def step(state, b, t, rng, acc):
+    def sage_step(state, b, t, rng, acc):
         fc, fs, fa = frozen_parts(state)
         kc, ks, ka = jax.random.split(rng, 3)
         z, vjp_fn, cstate = forward(fc, state.clients, b.x, b.w, jax.random.split(kc, m))
@@ -93,7 +104,8 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
             av, ao, (first_l, last_l) = align_all(fa, sv.with_frozen(fs), av, ao, buf,
                                                   jax.random.split(ka, m))
             return av, ao, jnp.mean(first_l), jnp.mean(last_l), jnp.int32(m)
-        aligning = (t == 0) & (state.round % cfg.align_interval == 0)
+        own_round = state.round - cfg.warm_start          # rounds after the warm start
+        aligning = (t == 0) & (own_round >= 0) & (own_round % cfg.align_interval == 0)
         av, ao, l0, l1, sent = branch(aligning, do_align,
                                       lambda av, ao: (av, ao, acc["align_loss_first"],
                                                       acc["align_loss_last"], jnp.int32(0)),
@@ -109,8 +121,17 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
                                aux=av, aux_opt=ao, buffer=buf)
         return state, acc
 
-    def end(state, weights):
-        return state._replace(clients=average_into(state.clients, weights))
+    def sage_end(state, weights, acc):
+        return state._replace(clients=average_into(state.clients, weights)), acc
+
+    if cfg.warm_start:
+        # the first ``warm_start`` rounds are CSE-FSL's (its step, messages and averaging)
+        cse_step, cse_end = cse_fsl.make_step(split, cfg)
+        warm = lambda state: state.round < cfg.warm_start
+        step = lambda state, *a: branch(warm(state), cse_step, sage_step, state, *a)
+        end = lambda state, *a: branch(warm(state), cse_end, sage_end, state, *a)
+    else:
+        step, end = sage_step, sage_end
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), s.server))
@@ -131,6 +152,7 @@ ALGORITHM = AlgorithmDef(
     client_fields=("clients", "client_opt", "aux", "aux_opt", "buffer"),
     model_bytes=lambda sizes: sizes.client,
     uses=frozenset({"server_update_interval", "align_interval", "align_epochs", "align_batch_size",
-                    "align_buffer_size", "align_lr"}),
+                    "align_buffer_size", "align_target_scale", "align_client_chunk", "aux_lr", "aux_weight_decay",
+                    "warm_start"}),
     round_metrics=round_metrics, color="tab:red",
     persistent_fields=("client_opt", "aux", "aux_opt", "buffer"))

@@ -57,9 +57,9 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
         state = state._replace(clients=cv, client_opt=copt, server=sv, server_opt=sopt)
         return state, count_messages(add_loss(acc, loss, b.w.sum(1)), b.w, z_up=True, g_down=True)
 
-    def end(state, weights):
+    def end(state, weights, acc):
         return state._replace(clients=average_into(state.clients, weights),
-                              server=average_into(state.server, weights))
+                              server=average_into(state.server, weights)), acc
 
     return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
                      lambda s: global_vars(s, first(s.clients), first(s.server)))

@@ -127,16 +127,31 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-30)
 
 
-def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer) -> jax.Array:
+def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | None = None) -> jax.Array:
     """True per-sample cut-layer gradients of the buffered samples, current server.
 
     Returns ``[cap, ...]``: ``n * grad_z mean_i L(server(z_i), y_i)`` over the
     ``n`` valid entries (zero on empty slots). Dividing by a minibatch's valid
     count gives the gradient of that minibatch's mean loss.
+
+    ``chunk``: compute them ``chunk`` samples at a time (bounded memory) when the
+    server has no batch statistics, where a sample's gradient does not depend on
+    the others in its batch (the result is the same); with BatchNorm the whole
+    buffer is one batch, as in the authors' code.
     """
     w = buffer_mask(buf)
-    f = lambda z: part_loss(split, split.server, sv, z, buf.y, w, True)[0]
-    return jax.grad(f)(buf.z) * jnp.maximum(jnp.sum(w), 1.0)
+    cap = buf.z.shape[0]
+    if chunk is None or chunk >= cap or jax.tree_util.tree_leaves(sv.state):
+        f = lambda z: part_loss(split, split.server, sv, z, buf.y, w, True)[0]
+        return jax.grad(f)(buf.z) * jnp.maximum(jnp.sum(w), 1.0)
+    n = -(-cap // chunk)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((n * chunk - cap, *a.shape[1:]), a.dtype)])
+    parts = [pad(a).reshape(n, chunk, *a.shape[1:]) for a in (buf.z, buf.y, w)]
+    # per chunk: grad of the chunk's SUM of losses = per-sample gradients
+    per = jax.lax.map(lambda t: jax.grad(lambda z: part_loss(split, split.server, sv, z, t[1], t[2],
+                                                              True)[0])(t[0]) * jnp.maximum(jnp.sum(t[2]), 1.0),
+                      tuple(parts))
+    return per.reshape(n * chunk, *buf.z.shape[1:])[:cap]
 
 
 def alignment_loss(split: SplitModel, aux_params: Any, aux_state: Any, z: jax.Array,
@@ -150,7 +165,8 @@ def alignment_loss(split: SplitModel, aux_params: Any, aux_state: Any, z: jax.Ar
 
 
 def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_state: Any,
-          sv: Vars, buf: Buffer, key: jax.Array, epochs: int, batch_size: int):
+          sv: Vars, buf: Buffer, key: jax.Array, epochs: int, batch_size: int,
+          target_scale: str = "minibatch"):
     """Fit the auxiliary model's cut-layer gradient to the server's on a buffer.
 
     ``epochs`` passes over the valid buffer entries in shuffled minibatches of
@@ -164,12 +180,16 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
       sv: server variables (not changed).
       buf: this client's buffer of uploaded (z, y).
       key: shuffling key.
+      epochs, batch_size: passes over the buffer and alignment minibatch size.
+      target_scale: ``"minibatch"`` or ``"buffer"`` (above).
     Returns:
       ``(new_av, new_opt_state, (loss_first_epoch, loss_last_epoch))``, losses
       summed over the epoch's minibatches.
     """
+    if target_scale not in ("minibatch", "buffer"):
+        raise ValueError(f"target_scale {target_scale!r}: choose minibatch or buffer")
     cap = buf.z.shape[0]
-    target = alignment_targets(split, sv, buf)
+    target = alignment_targets(split, sv, buf, batch_size)
     n_valid = buf.size
     nb = -(-cap // batch_size)
     loss_and_grad = jax.value_and_grad(alignment_loss, argnums=1)
@@ -184,7 +204,7 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
             pos = j * batch_size + jnp.arange(batch_size)
             idx = order[jnp.minimum(pos, cap - 1)]
             w = (pos < n_valid).astype(jnp.float32)
-            scale = 1.0 / jnp.maximum(jnp.sum(w), 1.0)
+            scale = 1.0 / jnp.maximum(jnp.sum(w) if target_scale == "minibatch" else n_valid, 1)
             loss, grads = loss_and_grad(split, params, av.state, buf.z[idx], buf.y[idx], w,
                                         target[idx] * scale, av.frozen)
             updates, new_os = opt.update(grads, ostate, params)

@@ -19,6 +19,7 @@ from fslsage_jax.data.partition import (
 from fslsage_jax.data.sources import (
     DATASET_SHAPES,
     DATASETS,
+    READS_DATA_DIR,
     Dataset,
     dataset_shape,
     load_dataset,
@@ -26,7 +27,7 @@ from fslsage_jax.data.sources import (
     make_synthetic,
 )
 
-__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DATASET_SHAPES", "DISTRIBUTIONS", "ClientData", "DataUnavailable",
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DATASET_SHAPES", "DISTRIBUTIONS", "READS_DATA_DIR", "ClientData", "DataUnavailable",
            "Dataset", "class_histogram", "dataset_shape", "load_cifar10", "load_cifar100", "load_dataset", "load_digits",
            "make_image_transform", "make_synthetic", "normalize", "partition", "partition_dirichlet",
            "partition_iid", "random_crop_flip", "to_client_arrays"]

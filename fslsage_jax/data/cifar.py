@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fslsage_jax.data.augment import CIFAR_MEAN, CIFAR_STD, make_image_transform
-from fslsage_jax.data.sources import Dataset
+from fslsage_jax.data.dataset import Dataset
 
 DOWNLOAD_HOST = "www.cs.toronto.edu"
 

@@ -1,28 +1,17 @@
 """Datasets as host arrays: ``digits`` (real, bundled with scikit-learn, offline),
 ``synthetic`` (random images of any shape, for speed tests) and ``cifar10`` /
-``cifar100`` (uint8 images, see :mod:`fslsage_jax.data.cifar`)."""
-from __future__ import annotations
+``cifar100`` (uint8 images, see :mod:`fslsage_jax.data.cifar`).
 
-from collections.abc import Callable
-from typing import NamedTuple
+Imports go one way: ``sources`` -> ``cifar`` -> ``dataset`` (the :class:`Dataset` type)."""
+from __future__ import annotations
 
 import numpy as np
 
+from fslsage_jax.data.cifar import load_cifar10, load_cifar100
+from fslsage_jax.data.dataset import Dataset
 
-class Dataset(NamedTuple):
-    """A classification dataset: images ``[N, H, W, C]`` (float32, or uint8 with a ``transform``),
-    int32 labels ``[N]``.
-
-    ``transform``: the on-device ``transform(x, rng, train) -> float32`` the raw
-    images need (augmentation, normalisation), or None to use them as they are.
-    """
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    transform: Callable | None = None
+__all__ = ["DATASETS", "DATASET_SHAPES", "READS_DATA_DIR", "Dataset", "dataset_shape", "load_dataset",
+           "load_digits", "make_synthetic"]
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2, data_dir: str | None = None) -> Dataset:
@@ -82,20 +71,11 @@ def make_synthetic(seed: int = 0, n_train: int = 1024, n_test: int = 256,
     return Dataset("synthetic", x_tr, y_tr, x_te, y_te, num_classes)
 
 
-def _cifar10(seed: int = 0, data_dir: str | None = None) -> Dataset:
-    from fslsage_jax.data.cifar import load_cifar10  # lazy: cifar imports this module
-    return load_cifar10(seed=seed, data_dir=data_dir)
+DATASETS = {"digits": load_digits, "synthetic": make_synthetic, "cifar10": load_cifar10,
+            "cifar100": load_cifar100}
 
-
-def _cifar100(seed: int = 0, data_dir: str | None = None) -> Dataset:
-    from fslsage_jax.data.cifar import load_cifar100
-    return load_cifar100(seed=seed, data_dir=data_dir)
-
-
-_cifar10.__doc__ = "CIFAR-10, see :func:`fslsage_jax.data.cifar.load_cifar10`."
-_cifar100.__doc__ = "CIFAR-100 (fine labels), see :func:`fslsage_jax.data.cifar.load_cifar100`."
-
-DATASETS = {"digits": load_digits, "synthetic": make_synthetic, "cifar10": _cifar10, "cifar100": _cifar100}
+# the datasets whose loader reads ``data_dir`` (the others ignore it)
+READS_DATA_DIR = frozenset({"cifar10", "cifar100"})
 
 # what a model needs to know about a dataset without loading it (``--describe`` offline)
 DATASET_SHAPES = {"digits": ((8, 8, 1), 10), "synthetic": ((32, 32, 3), 10),
