@@ -80,13 +80,23 @@ def bytes_table() -> str:
     from fslsage_jax.algorithms.config import Config
     from fslsage_jax.models import MODELS
     from fslsage_jax.population import bytes_per_client
+    from dataclasses import replace
 
     models = [("cnn, digits 8x8x1", "cnn", (8, 8, 1), 10), ("cnn, 32x32x3", "cnn", (32, 32, 3), 10),
               ("resnet18, 32x32x3", "resnet18", (32, 32, 3), 10)]
-    cfg = Config(num_clients=1, align_buffer_size=1000, align_batch_size=1000)   # the paper's buffer
-    head = "| algorithm | per client | " + " | ".join(m[0] for m in models) + " |"
+    base = Config(num_clients=1, align_buffer_size=1000, align_batch_size=1000)   # the paper's buffer
+    head = "| algorithm | kept per client | " + " | ".join(m[0] for m in models) + " |"
     rows = [head, "|---|---|" + "---|" * len(models)]
+    variants = []
     for name, defn in ALGORITHMS.items():
+        variants.append((name, defn, base))
+        if name == "fed_avg":
+            variants.append(("fed_avg (--fedavg-server shared)", defn, replace(base, fedavg_server="shared")))
+        if name == "fsl_sage":
+            variants[-1] = ("fsl_sage (buffer 1000)", defn, base)
+            variants.append(("fsl_sage (--align-buffer-size 64)", defn,
+                             replace(base, align_buffer_size=64, align_batch_size=64)))
+    for name, defn, cfg in variants:
         cells, what = [], None
         for _, model, shape, classes in models:
             split = MODELS[model](shape, classes)
