@@ -157,3 +157,13 @@ def test_bad_distributed_arguments_fail_fast():
     with pytest.raises(TimeoutError, match="no answer within 1 s"):
         sharding.init_distributed(f"127.0.0.1:{_free_port()}", 2, 1, timeout_s=1)
     assert time.time() - t0 < 5
+
+
+def test_importing_the_library_leaves_the_backend_uninitialised():
+    """jax.distributed.initialize must come before any backend use; the CLI imports the
+    library first (a module-level jax.random.key once broke every multi-process run)."""
+    code = ("import jax._src.xla_bridge as xb, fslsage_jax, fslsage_jax.experiment, fslsage_jax.simulate, "
+            "fslsage_jax.population, fslsage_jax.memory; print(xb.backends_are_initialized())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr[-2000:]
