@@ -144,6 +144,18 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     a("--no-compilation-cache", "do not use JAX's persistent compilation cache", dest="compilation_cache",
       action="store_false")
     a("--no-progress", "no progress bar")
+    g = p.add_argument_group("population (cohort sampling) and synthetic data")
+    a("--cohort-size", "K clients drawn per round out of the --num-clients population (default: all; "
+                       "persistent per-client state then lives on the host)", g, type=int, metavar="K")
+    a("--cohort-weighted", "draw the cohort with probability proportional to shard size", g)
+    a("--synthetic-shape", "--dataset synthetic: image shape HxWxC", g)
+    a("--synthetic-samples-per-client", "--dataset synthetic: training samples per client (0: 1024 in "
+                                        "all)", g)
+    g = p.add_argument_group("multi-process (jax.distributed; one command per process)")
+    a("--coordinator", "HOST:PORT of process 0 (it listens there)", g)
+    a("--num-processes", "number of processes", g)
+    a("--process-id", "this process, 0..N-1; only process 0 writes files", g)
+    a("--distributed-timeout", "seconds to wait for the coordinator before exit 2", g)
     if preset is not None:
         from fslsage_jax.presets import preset_defaults
         p.set_defaults(**preset_defaults(preset))
@@ -260,6 +272,7 @@ def main(argv=None) -> int:
         if cfg.resume:
             cfg = ex.resume_config(cfg, given)
         ex.validate(cfg, given)
+        ex.start_distributed(cfg)
         if cfg.describe:
             print(json.dumps(ex.describe_model(cfg), indent=2))
             return 0

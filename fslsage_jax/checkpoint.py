@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -86,7 +87,8 @@ def latest(run_dir: str) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3) -> Checkpoint:
+def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3,
+         extra: Callable[[str], None] | None = None) -> Checkpoint:
     """Save ``state`` after ``rounds`` completed rounds, atomically, and prune old checkpoints.
 
     Args:
@@ -95,6 +97,8 @@ def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3) -> Ch
       rounds: number of completed rounds (the checkpoint's name).
       meta: JSON-serialisable extras (ledger counts, wall time, ...).
       keep: how many of the newest checkpoints to keep (>= 1).
+      extra: ``extra(directory)`` writes more files into the checkpoint before it is
+        published (a cohort run's population store), synced by the caller.
     Returns:
       the new :class:`Checkpoint` (on disk and synced when this returns).
     """
@@ -107,12 +111,14 @@ def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3) -> Ch
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     leaves = _leaf_dict(state)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _checkpointer(ocp)
     try:
         ckptr.save(os.path.join(tmp, "state"), leaves)
         ckptr.wait_until_finished()
     finally:
         ckptr.close()
+    if extra is not None:
+        extra(tmp)
     meta = {**meta, "rounds": rounds, "num_leaves": len(leaves),
             "shapes": [list(v.shape) for v in leaves.values()],
             "dtypes": [str(v.dtype) for v in leaves.values()]}
@@ -127,6 +133,16 @@ def save(run_dir: str, state: Any, rounds: int, meta: dict, keep: int = 3) -> Ch
     _fsync_dir(root)
     prune(run_dir, keep)
     return Checkpoint(final, rounds, meta)
+
+
+def _checkpointer(ocp):
+    """orbax's checkpointer; in a multi-process run this process saves and restores on its
+    own (process 0 writes host arrays gathered from all processes; no cross-process barriers)."""
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
 
 
 def prune(run_dir: str, keep: int) -> None:
@@ -163,7 +179,7 @@ def restore(ckpt: Checkpoint, template: Any) -> Any:
                          f"{len(leaves)} expected, or other shapes)")
     abstract = {f"leaf_{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                 for i, x in enumerate(leaves)}
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _checkpointer(ocp)
     try:
         loaded = ckptr.restore(os.path.join(os.path.abspath(ckpt.path), "state"), abstract)
     finally:

@@ -103,6 +103,19 @@ class ExperimentConfig:
     device_memory_gib: float = 0.0
     compilation_cache: bool = True
     no_progress: bool = False
+    cohort_size: int | None = None
+    cohort_weighted: bool = False
+    synthetic_shape: str = "32x32x3"
+    synthetic_samples_per_client: int = 0
+    coordinator: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
+    distributed_timeout: float = 60.0
+
+    @property
+    def cohort(self) -> int:
+        """Clients per round: ``cohort_size``, or all ``num_clients`` when it is None."""
+        return self.num_clients if self.cohort_size is None else self.cohort_size
 
     @property
     def algos(self) -> tuple[str, ...]:
@@ -201,6 +214,30 @@ def validate(cfg: ExperimentConfig, explicit=None) -> None:
     splits = cfg.e2e_splits.split(",")
     if len(splits) != 2 or not set(splits) <= {"train", "dev", "test"}:
         raise ConfigError(f"--e2e-splits {cfg.e2e_splits}: must be TRAIN,EVAL with each of train, dev, test")
+    if cfg.cohort_size is not None and not 1 <= cfg.cohort_size <= cfg.num_clients:
+        raise ConfigError(f"--cohort-size {cfg.cohort_size}: must lie in 1..{cfg.num_clients} "
+                          f"(the population, --num-clients)")
+    try:
+        synthetic_shape(cfg.synthetic_shape)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.synthetic_samples_per_client < 0:
+        raise ConfigError(f"--synthetic-samples-per-client {cfg.synthetic_samples_per_client}: must be >= 0")
+    if cfg.num_processes < 1:
+        raise ConfigError(f"--num-processes {cfg.num_processes}: must be a positive integer")
+    if not 0 <= cfg.process_id < cfg.num_processes:
+        raise ConfigError(f"--process-id {cfg.process_id}: must lie in 0..{cfg.num_processes - 1} "
+                          f"for --num-processes {cfg.num_processes}")
+    if cfg.num_processes > 1 and not cfg.coordinator:
+        raise ConfigError(f"--num-processes {cfg.num_processes}: needs --coordinator HOST:PORT")
+    if cfg.coordinator:
+        from fslsage_jax.sharding import parse_coordinator
+        try:
+            parse_coordinator(cfg.coordinator)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if not (math.isfinite(cfg.distributed_timeout) and cfg.distributed_timeout > 0):
+        raise ConfigError(f"--distributed-timeout {cfg.distributed_timeout}: must be a finite number > 0")
     check_effective(cfg, _set_by_user(cfg) if explicit is None else set(explicit))
     if cfg.generate and cfg.max_new_tokens >= cfg.seq_len:
         raise ConfigError(f"--max-new-tokens {cfg.max_new_tokens}: must be smaller than --seq-len "
@@ -228,6 +265,11 @@ def check_effective(cfg: ExperimentConfig, explicit: set[str]) -> None:
     if "data_dir" in explicit and cfg.dataset not in READS_DATA_DIR | set(LM_DATASETS):
         refuse("data_dir", f"--dataset {cfg.dataset} reads no files (only "
                            f"{', '.join(sorted(READS_DATA_DIR | set(LM_DATASETS)))} do)")
+    for dest in ("synthetic_shape", "synthetic_samples_per_client"):
+        if dest in explicit and cfg.dataset != "synthetic":
+            refuse(dest, "only for --dataset synthetic")
+    if "cohort_weighted" in explicit and cfg.cohort == cfg.num_clients:
+        refuse("cohort_weighted", "only with --cohort-size smaller than --num-clients")
     if "chunk_size" in explicit and cfg.strategy != "chunked":
         refuse("chunk_size", f"only for --strategy chunked (not {cfg.strategy})")
     if "max_new_tokens" in explicit and not cfg.generate:
@@ -339,14 +381,43 @@ def make_split(cfg: ExperimentConfig, input_shape: tuple, num_classes: int, tran
     return split
 
 
+def synthetic_shape(text: str) -> tuple[int, ...]:
+    """``"8x8x1"`` -> ``(8, 8, 1)``; ``ValueError`` unless three positive integers."""
+    try:
+        shape = tuple(int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"--synthetic-shape {text}: expected HxWxC, e.g. 8x8x1")
+    return shape
+
+
+def image_shape(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
+    """``(input shape, classes)`` of the dataset without loading it (synthetic: its flags)."""
+    from fslsage_jax.data import dataset_shape
+    shape, classes = dataset_shape(cfg.dataset)
+    if cfg.dataset == "synthetic":
+        shape = synthetic_shape(cfg.synthetic_shape)
+    return shape, classes
+
+
+def _dataset_kwargs(cfg: ExperimentConfig) -> dict:
+    """Extra arguments of the dataset loader: the synthetic data's shape and size."""
+    if cfg.dataset != "synthetic":
+        return {}
+    kw = {"shape": synthetic_shape(cfg.synthetic_shape)}
+    if cfg.synthetic_samples_per_client:
+        kw["n_train"] = cfg.synthetic_samples_per_client * cfg.num_clients
+    return kw
+
+
 def describe_model(cfg: ExperimentConfig) -> dict:
     """The split's parameter, state and byte counts from shapes only (no data is loaded)."""
-    from fslsage_jax.data import dataset_shape
     from fslsage_jax.split import describe
     if cfg.model in LM_MODELS:
         split = make_split(cfg, (cfg.seq_len,), 0)
     else:
-        shape, classes = dataset_shape(cfg.dataset)
+        shape, classes = image_shape(cfg)
         split = make_split(cfg, shape, classes)
     try:
         return describe(split)
@@ -366,21 +437,22 @@ def plan_memory(cfg: ExperimentConfig) -> list[dict]:
     for the run's true shapes (subsets and partition sizes included), without loading data or
     weights."""
     from fslsage_jax import memory
-    from fslsage_jax.data import dataset_shape
     if cfg.model in LM_MODELS:
         split = make_split(cfg, (cfg.seq_len,), 0)
         tr, ev = cfg.e2e_splits.split(",")
         n_train, n_test = E2E_SPLIT_SIZES[tr], E2E_SPLIT_SIZES[ev]
     else:
-        shape, classes = dataset_shape(cfg.dataset)
+        shape, classes = image_shape(cfg)
         split = make_split(cfg, shape, classes)
         n_train, n_test = DATASET_SIZES[cfg.dataset]
+        if cfg.dataset == "synthetic" and cfg.synthetic_samples_per_client:
+            n_train = cfg.synthetic_samples_per_client * cfg.num_clients
     n_train, n_test = min(n_train, cfg.train_subset or n_train), min(n_test, cfg.eval_subset or n_test)
     if cfg.distribution == "iid":
         n_max = n_train // cfg.num_clients
     else:   # Dirichlet shards: floor(n/m) each as well (SPEC), the largest bounds the padding
         n_max = -(-n_train // cfg.num_clients)
-    algo_cfg = algorithm_config(cfg)
+    algo_cfg = dataclasses.replace(algorithm_config(cfg), num_clients=cfg.cohort)
     return [memory.plan(name, split, algo_cfg, n_max, n_test) for name in cfg.algos]
 
 
@@ -405,7 +477,7 @@ def load_task(cfg: ExperimentConfig, log: Callable[[str], None] | None = _stderr
         return load_lm_task(cfg, log)
     from fslsage_jax import data
     try:
-        ds = data.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir)
+        ds = data.load_dataset(cfg.dataset, seed=cfg.seed, data_dir=cfg.data_dir, **_dataset_kwargs(cfg))
     except (ValueError, FileNotFoundError, OSError) as e:
         where = f"--data-dir {cfg.data_dir}" if cfg.data_dir else f"--dataset {cfg.dataset}"
         raise ConfigError(f"{where}: cannot load dataset {cfg.dataset} ({type(e).__name__}: {e})") from None
@@ -532,15 +604,15 @@ def build(cfg: ExperimentConfig, log: Callable[[str], None] | None = _stderr) ->
     import jax
     ds, split, frozen, on_finish = load_task(cfg, log)
     clients = partition_clients(cfg, ds)
-    if cfg.devices != 1:
+    if run_devices(cfg) != 1:
         from fslsage_jax.sharding import check_divisible, client_mesh
         try:
-            check_divisible(cfg.num_clients, client_mesh(cfg.devices))
+            check_divisible(cfg.cohort, client_mesh(run_devices(cfg)))
         except ValueError as e:
             raise ConfigError(f"--devices {cfg.devices}: {e}") from None
     if cfg.strategy == "auto":
         cfg = dataclasses.replace(cfg, strategy=auto_strategy(
-            jax.default_backend(), tuple(ds.x_train.shape[1:]), cfg.num_clients))
+            jax.default_backend(), tuple(ds.x_train.shape[1:]), cfg.cohort))
     return Experiment(cfg, ds, split, clients, algorithm_config(cfg), frozen, on_finish)
 
 
@@ -555,7 +627,29 @@ def _simulate(exp: Experiment, name: str, run_dir: str | None, resume: bool, sto
         rounds=cfg.rounds, seed=cfg.seed, comm_budget_bytes=int(cfg.comm_budget_gib * 2 ** 30),
         out_dir=run_dir, target_accuracy=cfg.target_accuracy, progress=not cfg.no_progress,
         checkpoint_every=cfg.checkpoint_every, resume=resume, stop_requested=stop_requested, log=log,
-        devices=cfg.devices))
+        devices=run_devices(cfg), cohort_size=cfg.cohort_size, cohort_weighted=cfg.cohort_weighted))
+
+
+def run_devices(cfg: ExperimentConfig):
+    """The devices the client axis is sharded over: ``devices``, or every process's devices
+    in a multi-process run."""
+    return "auto" if cfg.num_processes > 1 and cfg.devices == 1 else cfg.devices
+
+
+def start_distributed(cfg: ExperimentConfig) -> None:
+    """Join the multi-process run of ``coordinator`` (nothing for one process); call it
+    before any other JAX work.
+
+    Raises:
+      ConfigError: the coordinator did not answer within ``distributed_timeout`` seconds.
+    """
+    if cfg.num_processes == 1 and not cfg.coordinator:
+        return
+    from fslsage_jax.sharding import init_distributed
+    try:
+        init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed_timeout)
+    except (ValueError, TimeoutError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def run(exp: Experiment, *, stop_requested: Callable[[], bool] | None = None,
@@ -578,11 +672,13 @@ def run(exp: Experiment, *, stop_requested: Callable[[], bool] | None = None,
       the summaries (as in summary.json), in run order; an interrupted run ends the list.
     """
     from fslsage_jax.simulate import write_json_atomic
+    import jax
     cfg, say = exp.config, echo or (lambda msg: None)
     algos, resuming = cfg.algos, bool(cfg.resume)
-    out = prepare_out(cfg.out, cfg.overwrite or resuming) if cfg.out else None
+    writer = jax.process_index() == 0          # a multi-process run: process 0 writes
+    out = (prepare_out(cfg.out, cfg.overwrite or resuming) if writer else cfg.out) if cfg.out else None
     run_config = exp.run_config()
-    if out and len(algos) > 1:
+    if out and writer and len(algos) > 1:
         write_json_atomic(os.path.join(out, "config.json"), run_config)
     summaries = []
     for name in algos:
@@ -594,7 +690,7 @@ def run(exp: Experiment, *, stop_requested: Callable[[], bool] | None = None,
                 summaries.append(s)
                 say(f"{name}: finished before ({s['stop_reason']}), skipped")
                 continue
-        if run_dir:
+        if run_dir and writer:
             if len(algos) > 1:
                 prepare_out(run_dir, cfg.overwrite or resuming)
             write_json_atomic(os.path.join(run_dir, "config.json"), {**run_config, "algo": name})
@@ -607,7 +703,7 @@ def run(exp: Experiment, *, stop_requested: Callable[[], bool] | None = None,
             on_summary(s, run_dir)
         if s["stop_reason"] == "interrupted":
             break
-    if (out and len(algos) > 1 and len(summaries) == len(algos)
+    if (out and writer and len(algos) > 1 and len(summaries) == len(algos)
             and all(s["rounds_run"] > 0 for s in summaries)):
         with open(os.path.join(out, "comparison.md"), "w") as f:
             f.write(format_table(summaries, cfg.target_accuracy) + "\n")
@@ -624,7 +720,8 @@ RESUME_MAY_DIFFER = frozenset({"resume", "out", "overwrite", "rounds", "comm_bud
                                "no_progress", "checkpoint_every", "data_dir", "describe",
                                "devices", "generate", "max_new_tokens", "memory_plan",
                                "device_memory_gib", "compilation_cache", "eval_batch_size",
-                               "align_client_chunk"})
+                               "align_client_chunk", "coordinator", "num_processes", "process_id",
+                               "distributed_timeout"})
 
 
 def resume_config(cfg: ExperimentConfig, explicit: dict | None = None) -> ExperimentConfig:

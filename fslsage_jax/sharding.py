@@ -131,3 +131,65 @@ def parse_devices(text: str) -> int | str:
         import argparse
         raise argparse.ArgumentTypeError(f"{text!r}: a positive device count, or 0/auto for all")
     return n
+
+
+DISTRIBUTED_TIMEOUT_S = 60
+
+
+def parse_coordinator(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> ``(host, port)``; ``ValueError`` when it is not of that form."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator {text}: expected HOST:PORT with a port in 1..65535")
+    return host.strip("[]"), int(port)
+
+
+def wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+    """Poll a TCP connection to the coordinator until it answers.
+
+    Raises:
+      TimeoutError: nothing accepted a connection on ``host:port`` within ``timeout_s``
+        seconds (jax itself would abort the process with a stack trace instead).
+    """
+    import socket
+    import time
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(2.0, max(timeout_s, 0.1))):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"--coordinator {host}:{port}: no answer within {timeout_s:g} s "
+                                   f"(is process 0 running?)") from None
+            time.sleep(0.2)
+
+
+def init_distributed(coordinator: str, num_processes: int, process_id: int,
+                     timeout_s: float = DISTRIBUTED_TIMEOUT_S) -> None:
+    """Join a multi-process run: ``jax.distributed.initialize`` after checking the arguments.
+
+    Call it before any other JAX work. Every process then sees all processes' devices in
+    ``jax.devices()`` and :func:`client_mesh` spans them. On CPU, collectives go through
+    gloo. Process 0 hosts the coordinator on ``coordinator``'s port; the others first wait
+    (up to ``timeout_s``) until it accepts connections.
+
+    Args:
+      coordinator: ``HOST:PORT`` of process 0.
+      num_processes: number of processes (>= 1).
+      process_id: this process, ``0 <= process_id < num_processes``.
+      timeout_s: how long to wait for the coordinator (and jax's own registration).
+    Raises:
+      ValueError: malformed arguments; TimeoutError: the coordinator never answered.
+    """
+    host, port = parse_coordinator(coordinator)
+    if int(num_processes) != num_processes or num_processes < 1:
+        raise ValueError(f"--num-processes {num_processes}: must be a positive integer")
+    if int(process_id) != process_id or not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id}: must lie in 0..{num_processes - 1} "
+                         f"for --num-processes {num_processes}")
+    if process_id != 0:
+        wait_for_coordinator(host, port, timeout_s)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"{host}:{port}", num_processes=int(num_processes),
+                               process_id=int(process_id), initialization_timeout=int(max(timeout_s, 1)))

@@ -134,8 +134,16 @@ class RunOptions:
         none), keeping ``metrics.jsonl``'s records of its rounds.
       stop_requested: polled after every round; True stops the run with a checkpoint and
         stop reason ``interrupted``.
-      devices: shard the client axis over this many local devices (1: no sharding;
-        0 / None / "auto": all); see :mod:`fslsage_jax.sharding`.
+      devices: shard the client axis over this many devices (1: no sharding;
+        0 / None / "auto": all, of every process); see :mod:`fslsage_jax.sharding`.
+      cohort_size: K clients drawn per round out of the population of
+        ``task.clients`` (None or N: all take part, the state stays on the device); the
+        round is compiled for K clients and persistent per-client state lives on the
+        host, see :mod:`fslsage_jax.population`.
+      cohort_weighted: draw the cohort with probability proportional to shard size.
+
+    Across processes (``jax.distributed``) every process runs the same loop; only
+    process 0 writes ``metrics.jsonl``, ``summary.json`` and checkpoints.
     """
     rounds: int = 50
     seed: int = 0
@@ -149,6 +157,8 @@ class RunOptions:
     resume: bool = False
     stop_requested: Callable[[], bool] | None = None
     devices: int | str | None = 1
+    cohort_size: int | None = None
+    cohort_weighted: bool = False
 
 
 class _Progress(NamedTuple):
@@ -160,13 +170,16 @@ class _Progress(NamedTuple):
     wall_before: float
 
 
-def _start(algo_name: str, algo, task: Task, opts: RunOptions, metrics_path: str | None) -> _Progress:
+def _start(algo_name: str, algo, task: Task, opts: RunOptions, metrics_path: str | None,
+           pop=None) -> _Progress:
     """The initial state, or the newest checkpoint's when resuming (``metrics.jsonl``
-    truncated to its rounds)."""
+    truncated to its rounds; a cohort run's population store restored into ``pop``)."""
     key = jax.random.key(opts.seed)
     state = jax.jit(algo.init)(jax.random.fold_in(key, 0))
     if task.frozen is not None:
         state = state._replace(frozen=task.frozen)
+    if pop is not None:
+        pop.attach(state)
     progress = _Progress(state, Ledger.empty(), [], 0, 0.0)
     if opts.resume:
         if not opts.out_dir:
@@ -174,6 +187,8 @@ def _start(algo_name: str, algo, task: Task, opts: RunOptions, metrics_path: str
         ckpt = checkpoint.latest(opts.out_dir)
         if ckpt is not None:
             state = checkpoint.restore(ckpt, state)
+            if pop is not None:
+                pop.load(ckpt.path)
             if int(jax.device_get(state.round)) != ckpt.rounds:
                 raise ValueError(f"checkpoint {ckpt.path}: state round {int(state.round)} != {ckpt.rounds}")
             progress = _Progress(state, Ledger({k: int(ckpt.meta["ledger"].get(k, 0)) for k in KINDS}),
@@ -182,9 +197,14 @@ def _start(algo_name: str, algo, task: Task, opts: RunOptions, metrics_path: str
         if opts.log:
             opts.log(f"{algo_name}: resuming after round {progress.first} from "
                      f"{ckpt.path if ckpt else 'the start (no checkpoint yet)'}")
-    if metrics_path:
+    if metrics_path and _writer():
         truncate_metrics(metrics_path, progress.records)
     return progress
+
+
+def _writer() -> bool:
+    """Whether this process writes files (process 0 of a multi-process run)."""
+    return jax.process_index() == 0
 
 
 def _record(t: int, defn, split: SplitModel, acc: dict, ledger: Ledger, test_loss: float,
@@ -246,30 +266,53 @@ def run_simulation(algo_name: str, task: Task, opts: RunOptions = RunOptions()) 
     defn = ALGORITHMS[algo_name]
     split, cfg, out_dir = task.split, task.cfg, opts.out_dir
     n_max = task.clients.x.shape[1]
+    population = int(np.shape(task.clients.counts)[0])
+    pop = None
+    if opts.cohort_size not in (None, population):
+        from fslsage_jax.population import Population
+        pop = Population(defn, cfg, task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted)
+        cfg = dataclasses.replace(cfg, num_clients=pop.k)
     algo, evaluate = build(algo_name, split, cfg, n_max)
     sizes, model_bytes = sizes_of(split), defn.model_bytes(sizes_of(split))
-    data = ClientArrays(jnp.asarray(task.clients.x), jnp.asarray(task.clients.y),
-                        jnp.asarray(task.clients.counts, jnp.int32))
+    data = None if pop else ClientArrays(jnp.asarray(task.clients.x), jnp.asarray(task.clients.y),
+                                         jnp.asarray(task.clients.counts, jnp.int32))
     test_x, test_y = jnp.asarray(task.test_x), jnp.asarray(task.test_y)
     round_key = jax.random.fold_in(jax.random.key(opts.seed), 1)
+    writer = _writer()
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-    if out_dir:
+    if out_dir and writer:
         os.makedirs(out_dir, exist_ok=True)
-    state, ledger, records, first, wall_before = _start(algo_name, algo, task, opts, metrics_path)
+    state, ledger, records, first, wall_before = _start(algo_name, algo, task, opts, metrics_path, pop)
     if opts.devices != 1:
         from fslsage_jax import sharding
-        state, data, algo = sharding.shard_all(defn.fields(cfg), algo, state, data, opts.devices)
+        fields = defn.fields(cfg)
+        if pop is None:
+            state, data, algo = sharding.shard_all(fields, algo, state, data, opts.devices)
+        else:
+            mesh = sharding.client_mesh(opts.devices)
+            state = sharding.shard_state(state, fields, mesh)
+            pop.place_state = lambda s: jax.device_put(s, sharding.state_shardings(s, fields, mesh))
+            pop.place_data = lambda d: jax.device_put(d, sharding.data_shardings(d, mesh))
+            algo = algo._replace(run_round=sharding.sharded_round(algo.run_round, fields, mesh))
+    if pop is not None:
+        algo = algo._replace(run_round=pop.wrap(algo.run_round))
     stop_reason, diverged_round, budget = "rounds", None, opts.comm_budget_bytes
 
     def save_checkpoint(done: int) -> None:
         if out_dir and opts.checkpoint_every:
-            checkpoint.save(out_dir, state, done, {"algo": algo_name, "ledger": dict(ledger.counts),
-                                                   "wall_time_s": wall_before + time.time() - t_start},
-                            keep=opts.keep_checkpoints)
+            st = state
+            if jax.process_count() > 1:      # every process takes part in the gather
+                from fslsage_jax.population import fetch
+                st = fetch(checkpoint.strip_frozen(state))
+            if writer:
+                checkpoint.save(out_dir, st, done,
+                                {"algo": algo_name, "ledger": dict(ledger.counts),
+                                 "wall_time_s": wall_before + time.time() - t_start},
+                                keep=opts.keep_checkpoints, extra=pop.save if pop else None)
 
-    metrics_file = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115 (closed below)
+    metrics_file = open(metrics_path, "a") if metrics_path and writer else None  # noqa: SIM115
     bar = None
-    if opts.progress:
+    if opts.progress and writer:
         from tqdm.auto import tqdm
         bar = tqdm(total=opts.rounds, initial=min(first, opts.rounds), desc=algo_name, unit="round",
                    leave=False)
@@ -317,6 +360,10 @@ def run_simulation(algo_name: str, task: Task, opts: RunOptions = RunOptions()) 
                        wall_before + time.time() - t_start)
     if task.on_finish is not None and stop_reason != "diverged":
         summary.update(task.on_finish(algo, state))
-    if out_dir:
+    if pop is not None:
+        summary.update(cohort_size=pop.k, cohort_weighted=pop.weighted,
+                       clients_taken_part=pop.store.num_stored,
+                       population_store_bytes=pop.store.nbytes)
+    if out_dir and writer:
         write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary

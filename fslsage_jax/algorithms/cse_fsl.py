@@ -93,4 +93,5 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 ALGORITHM = AlgorithmDef(
     name=NAME, label="CSE-FSL", make=make, client_fields=("clients", "client_opt", "aux", "aux_opt"),
     model_bytes=lambda sizes: sizes.client,       # + the auxiliary model: counted as aux_models
-    uses=frozenset({"server_update_interval", "aux_lr", "aux_weight_decay"}), color="tab:purple")
+    uses=frozenset({"server_update_interval", "aux_lr", "aux_weight_decay"}), color="tab:purple",
+    persistent_fields=("client_opt", "aux_opt"))

@@ -28,6 +28,13 @@ class AlgorithmDef:
       client_fields: state fields that carry a leading client axis (sharded over devices),
         or ``client_fields(cfg) -> tuple`` when they depend on the configuration; read
         them with :meth:`fields`.
+      persistent_fields: the client-axis fields that each client keeps across rounds
+        (its optimizer state, its own auxiliary model, its alignment buffer), or
+        ``persistent_fields(cfg) -> tuple``; read them with :meth:`persistent`. The other
+        client-axis fields are global: the round's aggregation makes them identical for
+        every client. With cohort sampling (:mod:`fslsage_jax.population`) persistent
+        fields live in a per-client host store. None: not declared (cohort sampling is
+        refused).
       model_bytes: ``model_bytes(sizes) -> int``: bytes of the model each client sends up
         (and receives down) once per round, from :class:`fslsage_jax.comm.Sizes`.
       uses: the ``Config`` fields it reads beyond :data:`COMMON_FIELDS` (flags that can
@@ -42,12 +49,18 @@ class AlgorithmDef:
     client_fields: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
     model_bytes: Callable[[Any], int]
     uses: frozenset = frozenset()
+    persistent_fields: tuple[str, ...] | Callable[[Any], tuple[str, ...]] | None = None
     round_metrics: Callable[[dict], dict] = lambda acc: {}
     color: str | None = None
 
     def fields(self, cfg) -> tuple[str, ...]:
         """The state fields with a client axis under ``cfg``."""
         return self.client_fields(cfg) if callable(self.client_fields) else self.client_fields
+
+    def persistent(self, cfg) -> tuple[str, ...] | None:
+        """The client-axis fields each client keeps across rounds under ``cfg`` (None: not declared)."""
+        p = self.persistent_fields
+        return p(cfg) if callable(p) else p
 
     def __call__(self, split, cfg, n_max: int):
         """``make(split, cfg, n_max)``: the algorithm built for one split model and config."""

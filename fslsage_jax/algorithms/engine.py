@@ -195,7 +195,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
     return run_round
 
 
-_KEY = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+_KEY = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype)   # no backend at import
 
 
 def average_into(tree_m: Any, weights: jax.Array) -> Any:

@@ -128,7 +128,14 @@ def client_fields(cfg: Config) -> tuple[str, ...]:
     return ("clients", "client_opt", "server")
 
 
+def persistent_fields(cfg: Config) -> tuple[str, ...]:
+    """What each client keeps across rounds: its optimizer state (over the whole model, or
+    over its client part plus its own state for the shared server part)."""
+    return ("client_opt", "server_opt") if cfg.fedavg_server == "shared" else ("client_opt",)
+
+
 ALGORITHM = AlgorithmDef(
     name=NAME, label="FedAvg", make=make, client_fields=client_fields,
     model_bytes=lambda sizes: sizes.client + sizes.server, uses=frozenset({"fedavg_server"}),
-    color="tab:blue")
+    color="tab:blue",
+    persistent_fields=persistent_fields)

@@ -154,4 +154,5 @@ ALGORITHM = AlgorithmDef(
     uses=frozenset({"server_update_interval", "align_interval", "align_epochs", "align_batch_size",
                     "align_buffer_size", "align_target_scale", "align_client_chunk", "aux_lr", "aux_weight_decay",
                     "warm_start"}),
-    round_metrics=round_metrics, color="tab:red")
+    round_metrics=round_metrics, color="tab:red",
+    persistent_fields=("client_opt", "aux", "aux_opt", "buffer"))

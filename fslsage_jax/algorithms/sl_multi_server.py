@@ -68,4 +68,5 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 ALGORITHM = AlgorithmDef(
     name=NAME, label="SplitFed-MS", make=make,
     client_fields=("clients", "client_opt", "server", "server_opt"),
-    model_bytes=lambda sizes: sizes.client, color="tab:orange")
+    model_bytes=lambda sizes: sizes.client, color="tab:orange",
+    persistent_fields=("client_opt", "server_opt"))

@@ -68,4 +68,5 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
 ALGORITHM = AlgorithmDef(
     name=NAME, label="SplitFed-SS", make=make, client_fields=("clients", "client_opt"),
-    model_bytes=lambda sizes: sizes.client, color="tab:green")
+    model_bytes=lambda sizes: sizes.client, color="tab:green",
+    persistent_fields=("client_opt",))

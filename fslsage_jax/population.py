@@ -1,0 +1,309 @@
+"""Population-scale simulation: a cohort of K clients out of a population of N per round,
+with each client's persistent state kept on the host between its rounds.
+
+``num_clients`` N is the population; with ``cohort_size`` K < N the compiled round
+is built for K clients (``Config.num_clients = K``: one program, no recompilation
+when the cohort changes) and every round
+
+1. draws K distinct clients (:func:`sample_cohort`: seeded by the run seed and the
+   round index, so a resumed run draws the same cohorts; optionally weighted by
+   shard size), in increasing id order (the shared server consumes uploads in
+   client order);
+2. gathers their persistent state (``AlgorithmDef.persistent_fields``: client
+   optimizer state; FSL-SAGE's auxiliary model, its optimizer state and alignment
+   buffer; CSE-FSL's auxiliary optimizer state; SplitFed-MS's server-copy optimizer
+   states) from a :class:`ClientStore` and their padded shards from the population
+   data, and runs the round on them. Global client-axis fields (the client models,
+   and whatever else the round's aggregation averages) are identical for every
+   client after a round, so the K rows the previous round left on the device are
+   the global copy and stay there;
+3. writes the cohort's persistent state back to the store.
+
+Aggregation weights are n_i / sum over the cohort (the round's ``end`` uses the
+counts it is given); the server and FSL-SAGE's alignment only see the cohort; the
+ledger counts what the round returns (``models`` = K, ``aux_down`` = the cohort's
+aligned clients).
+
+A client away for several rounds keeps its persistent state as it left it,
+including its optimizer moments and step count (the authors' code keeps each
+client's optimizer object across rounds; nothing decays while a client is away).
+A client never drawn holds the initial state and costs no memory: the store
+allocates rows only for clients that have taken part.
+
+With full participation (K = N, the default) none of this runs: the state stays
+on the device as before.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fslsage_jax.algorithms.engine import ClientArrays
+
+STORE_FILE = "population.npz"
+_TAG = 0x636F686F          # "coho": keeps cohort draws apart from other uses of the seed
+
+
+def persistent_fields(defn, cfg) -> tuple[str, ...]:
+    """The algorithm's per-client fields kept across rounds under ``cfg``.
+
+    Raises:
+      ValueError: the algorithm does not declare them (cohort sampling is then refused).
+    """
+    fields = defn.persistent(cfg)
+    if fields is None:
+        raise ValueError(f"{defn.name} does not declare its persistent per-client fields; "
+                         f"cohort sampling needs AlgorithmDef.persistent_fields")
+    bad = set(fields) - set(defn.fields(cfg))
+    if bad:
+        raise ValueError(f"{defn.name}: persistent fields {sorted(bad)} are not client fields")
+    return tuple(fields)
+
+
+def global_fields(defn, cfg) -> tuple[str, ...]:
+    """Client-axis fields that the round's aggregation makes identical for every client."""
+    keep = set(persistent_fields(defn, cfg))
+    return tuple(f for f in defn.fields(cfg) if f not in keep)
+
+
+def check_cohort(cohort_size: int, population: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= cohort_size <= population``."""
+    if int(cohort_size) != cohort_size or not 1 <= cohort_size <= population:
+        raise ValueError(f"cohort size {cohort_size} must be an integer between 1 and the "
+                         f"{population} clients of the population")
+
+
+def sample_cohort(seed: int, t: int, population: int, k: int,
+                  sizes: np.ndarray | None = None) -> np.ndarray:
+    """The clients of round ``t``: ``k`` distinct ids of ``range(population)``, sorted.
+
+    Args:
+      seed: the run seed; with ``t`` the only randomness (a resume redraws the same cohort).
+      t: the round index.
+      population: N.
+      k: cohort size K, ``1 <= K <= N``.
+      sizes: shard sizes ``[N]`` to draw with probability proportional to (successive
+        sampling without replacement; clients with no samples are never drawn), or None
+        for uniform.
+    Returns:
+      int64 ``[k]`` in increasing order.
+    """
+    check_cohort(k, population)
+    if k == population:
+        return np.arange(population, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), int(t), _TAG])
+    if sizes is None:
+        ids = rng.choice(population, size=k, replace=False)
+    else:
+        p = np.asarray(sizes, np.float64)
+        if np.count_nonzero(p) < k:
+            raise ValueError(f"weighted cohort of {k}: only {np.count_nonzero(p)} clients hold data")
+        ids = rng.choice(population, size=k, replace=False, p=p / p.sum())
+    return np.sort(ids.astype(np.int64))
+
+
+class ClientStore:
+    """Per-client persistent state of a population, on the host (numpy).
+
+    Rows are allocated only for clients written at least once, in blocks of about
+    ``block_bytes``; every other client reads the initial row. Memory is therefore
+    ``rows taken part * bytes_per_client`` (rounded up to a block), never
+    ``N * bytes_per_client``.
+
+    Args:
+      initial: pytree of one client's initial state (no client axis).
+      population: N.
+      block_bytes: allocation granularity.
+    """
+
+    def __init__(self, initial: Any, population: int, block_bytes: int = 64 << 20):
+        leaves, self.treedef = jax.tree_util.tree_flatten(initial)
+        self.initial = [np.asarray(x) for x in leaves]
+        self.population = int(population)
+        self.bytes_per_client = int(sum(x.nbytes for x in self.initial))
+        self.block_rows = max(1, block_bytes // max(self.bytes_per_client, 1))
+        self.slot = np.full(self.population, -1, np.int64)   # client id -> row, -1: initial
+        self.blocks: list[list[np.ndarray]] = []              # [block][leaf] -> [block_rows, ...]
+        self.num_stored = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the allocated rows (plus the id table)."""
+        return len(self.blocks) * self.block_rows * self.bytes_per_client + self.slot.nbytes
+
+    def _grow(self, need: int) -> None:
+        while len(self.blocks) * self.block_rows < need:
+            self.blocks.append([np.empty((self.block_rows, *x.shape), x.dtype) for x in self.initial])
+
+    def gather(self, ids: np.ndarray) -> Any:
+        """The state of clients ``ids`` stacked on a leading axis (numpy pytree ``[len(ids), ...]``)."""
+        ids = np.asarray(ids, np.int64)
+        slots = self.slot[ids]
+        out = [np.broadcast_to(x, (len(ids), *x.shape)).copy() for x in self.initial]
+        for b in np.unique(slots[slots >= 0] // self.block_rows):
+            sel = (slots >= 0) & (slots // self.block_rows == b)
+            rows = slots[sel] % self.block_rows
+            for o, blk in zip(out, self.blocks[b]):
+                o[sel] = blk[rows]
+        return jax.tree_util.tree_unflatten(self.treedef, out)
+
+    def scatter(self, ids: np.ndarray, rows: Any) -> None:
+        """Store ``rows`` (pytree ``[len(ids), ...]``) as the state of clients ``ids`` (distinct)."""
+        ids = np.asarray(ids, np.int64)
+        new = ids[self.slot[ids] < 0]
+        self._grow(self.num_stored + len(new))
+        self.slot[new] = self.num_stored + np.arange(len(new))
+        self.num_stored += len(new)
+        slots = self.slot[ids]
+        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(rows)]
+        for b in np.unique(slots // self.block_rows):
+            sel = slots // self.block_rows == b
+            r = slots[sel] % self.block_rows
+            for blk, x in zip(self.blocks[b], leaves):
+                blk[r] = x[sel]
+
+    def stored_ids(self) -> np.ndarray:
+        """Ids of the clients with a stored row, in row order."""
+        ids = np.flatnonzero(self.slot >= 0)
+        return ids[np.argsort(self.slot[ids])]
+
+    def save(self, path: str) -> None:
+        """Write the stored rows to ``path`` (``.npz``), synced; the caller makes it atomic
+        (e.g. inside a checkpoint directory published by a rename)."""
+        ids = self.stored_ids()
+        rows = jax.tree_util.tree_leaves(self.gather(ids))
+        with open(path, "wb") as f:
+            np.savez(f, ids=ids, **{f"leaf_{i:05d}": x for i, x in enumerate(rows)})
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self, path: str) -> None:
+        """Replace the stored rows with those saved by :meth:`save`.
+
+        Raises:
+          ValueError: the file was saved for other shapes (another algorithm, model or config).
+        """
+        with np.load(path) as z:
+            ids = z["ids"]
+            rows = [z[f"leaf_{i:05d}"] for i in range(len(self.initial))]
+            if len(z.files) != len(self.initial) + 1 or any(
+                    r.shape[1:] != x.shape or r.dtype != x.dtype for r, x in zip(rows, self.initial)):
+                raise ValueError(f"{path}: the population store does not match this algorithm, "
+                                 f"model and configuration")
+        self.slot[:] = -1
+        self.blocks, self.num_stored = [], 0
+        if len(ids):
+            if ids.max() >= self.population:
+                raise ValueError(f"{path}: client id {ids.max()} outside the population of "
+                                 f"{self.population}")
+            self.scatter(ids, jax.tree_util.tree_unflatten(self.treedef, rows))
+
+
+def fetch(tree: Any) -> Any:
+    """Device arrays to host numpy; across processes, every process gets the global value."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def host_int(x: jax.Array) -> int:
+    """A replicated device scalar as a Python int (this process's copy)."""
+    return int(np.asarray(x.addressable_data(0)) if jax.process_count() > 1 else jax.device_get(x))
+
+
+class Population:
+    """The host side of a cohort run (see the module docstring).
+
+    Args:
+      defn: the :class:`~fslsage_jax.algorithms.definition.AlgorithmDef`.
+      cfg: the algorithm's :class:`~fslsage_jax.algorithms.config.Config`.
+      data: the population's padded client data (numpy ``x [N, n_max, ...]``, ``y``,
+        ``counts [N]``).
+      cohort_size: K.
+      seed: the run seed (cohort draws).
+      weighted: draw clients with probability proportional to their shard size.
+      place_state, place_data: put a (host) state / ``ClientArrays`` on the devices
+        (default ``jax.device_put``; sharded runs pass their mesh layout).
+    """
+
+    def __init__(self, defn, cfg, data: Any, cohort_size: int, seed: int, weighted: bool = False,
+                 place_state: Callable | None = None, place_data: Callable | None = None):
+        self.fields = persistent_fields(defn, cfg)
+        self.x, self.y = np.asarray(data.x), np.asarray(data.y)
+        self.counts = np.asarray(data.counts, np.int32)
+        self.population = int(self.counts.shape[0])
+        check_cohort(cohort_size, self.population)
+        self.k, self.seed, self.weighted = int(cohort_size), int(seed), bool(weighted)
+        self.place_state = place_state or jax.device_put
+        self.place_data = place_data or jax.device_put
+        self.store: ClientStore | None = None
+        self.last_cohort: np.ndarray | None = None
+
+    def cohort(self, t: int) -> np.ndarray:
+        """The sorted client ids of round ``t``."""
+        return sample_cohort(self.seed, t, self.population, self.k,
+                             self.counts if self.weighted else None)
+
+    def attach(self, state: Any) -> None:
+        """Start the store from a freshly initialised K-client state (its row 0 is every
+        client's initial persistent state)."""
+        rows = fetch({f: getattr(state, f) for f in self.fields})
+        self.store = ClientStore(jax.tree_util.tree_map(lambda x: np.asarray(x)[0], rows),
+                                 self.population)
+
+    def cohort_data(self, ids: np.ndarray) -> ClientArrays:
+        """The cohort's padded shards on the devices."""
+        return self.place_data(ClientArrays(self.x[ids], self.y[ids], self.counts[ids]))
+
+    def run_round(self, run_round: Callable, state: Any, key: jax.Array, t: int) -> tuple[Any, dict]:
+        """One round of the cohort drawn for round ``t``: gather, run, write back.
+
+        Args:
+          run_round: the K-client ``Algorithm.run_round``.
+          state: the K-client state (global fields valid, persistent rows stale).
+          key: the round key.
+          t: the round index.
+        Returns:
+          ``(state, metrics)`` as ``run_round`` returns them.
+        """
+        ids = self.cohort(t)
+        rows = self.store.gather(ids)
+        state = self.place_state(state._replace(**rows))
+        state, acc = run_round(state, self.cohort_data(ids), key)
+        self.store.scatter(ids, fetch({f: getattr(state, f) for f in self.fields}))
+        self.last_cohort = ids
+        return state, acc
+
+    def wrap(self, run_round: Callable) -> Callable:
+        """``run_round(state, data, key)`` for the simulation loop: ``data`` is ignored (the
+        cohort's comes from the population) and the round index is read from ``state.round``."""
+        def run(state, data, key):
+            return self.run_round(run_round, state, key, host_int(state.round))
+        return run
+
+    def save(self, directory: str) -> None:
+        """Write the store into ``directory`` (a checkpoint being written)."""
+        self.store.save(os.path.join(directory, STORE_FILE))
+
+    def load(self, directory: str) -> None:
+        """Read the store written by :meth:`save` from ``directory``."""
+        path = os.path.join(directory, STORE_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{directory}: no {STORE_FILE} (not a checkpoint of a cohort run)")
+        self.store.load(path)
+
+
+def bytes_per_client(defn, cfg, state: Any) -> dict:
+    """Bytes one client keeps per persistent field, from a state with a client axis
+    (shapes only: works on ``jax.eval_shape`` output)."""
+    out = {}
+    for f in persistent_fields(defn, cfg):
+        leaves = jax.tree_util.tree_leaves(getattr(state, f))
+        out[f] = int(sum(np.prod(x.shape[1:], dtype=np.int64) * np.dtype(x.dtype).itemsize
+                         for x in leaves))
+    return out
