@@ -31,8 +31,30 @@ def local_response_norm(x, size: int = 4, alpha: float = 0.001 / 9.0,
     return x / (k + alpha / size * window) ** beta
 
 
-def _pool(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+def max_pool_3x3_s2(x):
+    """Max-pool 3x3, stride 2, padding 1 on every side (the original's ``MaxPool2d(3, 2, 1)``;
+    "same" for even sizes) over NHWC input.
+
+    Equal to ``nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))``, computed
+    as a max over strided slices of the -inf-padded input, rows then columns (the window
+    max is separable). XLA:CPU runs its backward pass (elementwise selects) about 5-8x
+    faster than ``reduce_window``'s select-and-scatter. Values are identical; gradients are
+    identical wherever a window's maximum is unique; on exact ties the gradient is split
+    between the tied elements (JAX's ``max`` convention; the window's total is the same)
+    instead of going to one of them. In this model ties occur only between ReLU zeros,
+    whose upstream gradient is zero either way.
+    """
+    h, w = x.shape[-3], x.shape[-2]
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    pad = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
+    xp = jnp.pad(x, pad, constant_values=-jnp.inf)
+    r = [xp[..., i:i + 2 * ho - 1:2, :, :] for i in range(3)]
+    r = jnp.maximum(jnp.maximum(r[0], r[1]), r[2])
+    c = [r[..., j:j + 2 * wo - 1:2, :] for j in range(3)]
+    return jnp.maximum(jnp.maximum(c[0], c[1]), c[2])
+
+
+_pool = max_pool_3x3_s2
 
 
 class CNNClient(nn.Module):
