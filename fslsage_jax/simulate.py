@@ -165,7 +165,7 @@ def run_simulation(algo_name: str, split: SplitModel, cfg: Config, client_data, 
                         jnp.asarray(client_data.counts, jnp.int32))
     test_x, test_y = jnp.asarray(test_x), jnp.asarray(test_y)
     key = jax.random.key(seed)
-    state = algo.init(jax.random.fold_in(key, 0))
+    state = jax.jit(algo.init)(jax.random.fold_in(key, 0))   # one program, not op by op
     if frozen is not None:
         state = state._replace(frozen=frozen)
     round_key = jax.random.fold_in(key, 1)
