@@ -175,7 +175,8 @@ def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, bat
       seed: torch seed (initial models, shuffles).
       threads: ``torch.set_num_threads`` (None: the machine's cores).
     Returns:
-      a dict with ``round_times_s``, ``median_ordinary_round_s``, ``align_round_times_s``,
+      a dict with ``round_times_s`` (wall), ``round_cpu_s`` (process CPU time),
+      ``median_ordinary_round_s``, ``median_ordinary_round_cpu_s``, ``align_round_times_s``,
       ``eval_time_s`` (median), ``first_eval_s``, ``train_time_s``, ``final_accuracy``,
       ``final_test_loss``, ``accuracies``.
     """
@@ -204,10 +205,10 @@ def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, bat
     bufs = [Fifo(align_buffer_size) for _ in range(m)]
     counts = [len(y) for y in ys]
 
-    round_times, eval_times, accs, losses = [], [], [], []
+    round_times, round_cpu, eval_times, accs, losses = [], [], [], [], []
     t_train = time.time()
     for t in range(rounds):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         aligning = t % align_interval == 0
         for i in range(m):
             client, copt, aux = clients[i], copts[i], auxes[i]
@@ -231,13 +232,16 @@ def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, bat
                 copt.step()
         fedavg(clients, counts)
         round_times.append(time.time() - t0)
+        round_cpu.append(time.process_time() - c0)
         t1 = time.time()
         loss, acc = evaluate(clients[0], server, xt, yt)
         eval_times.append(time.time() - t1)
         accs.append(acc)
         losses.append(loss)
     ordinary = [r for j, r in enumerate(round_times) if j % align_interval != 0]
-    return {"round_times_s": round_times,
+    ordinary_cpu = [r for j, r in enumerate(round_cpu) if j % align_interval != 0]
+    return {"round_times_s": round_times, "round_cpu_s": round_cpu,
+            "median_ordinary_round_cpu_s": statistics.median(ordinary_cpu) if ordinary_cpu else None,
             "median_ordinary_round_s": statistics.median(ordinary) if ordinary else None,
             "align_round_times_s": [r for j, r in enumerate(round_times) if j % align_interval == 0],
             "eval_time_s": statistics.median(eval_times), "first_eval_s": eval_times[0],
@@ -266,6 +270,7 @@ def main(argv=None) -> int:
                         align_epochs=a.align_epochs, align_batch_size=a.align_batch_size,
                         align_buffer_size=a.align_buffer_size, seed=a.seed, threads=a.threads)
     out["wall_time_s"] = time.time() - _T_START      # whole process, imports included
+    out["process_cpu_s"] = time.process_time()
     out.update(dataset=a.dataset, num_clients=a.num_clients, batch_size=a.batch_size,
                rounds=a.rounds, seed=a.seed)
     print(json.dumps(out))
