@@ -262,6 +262,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = preset_of(argv)
     args = build_parser(preset).parse_args(argv)
+    # before any JAX computation: glibc malloc tuning and the persistent compilation cache
+    from fslsage_jax.runtime import configure_runtime
+    configure_runtime(compilation_cache=args.compilation_cache)
     given = explicit_flags(argv)
     if preset and not args.resume:
         from fslsage_jax.presets import preset_defaults
