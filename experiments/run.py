@@ -242,22 +242,6 @@ def report_stop(s: dict, run_dir: str, out: str) -> None:
             f"python experiments/run.py --resume {out}")
 
 
-def memory_plan(cfg) -> int:
-    """``--memory-plan``: compile, write memory_plan.json, print the table; 0 if it fits, else 4."""
-    from fslsage_jax import memory
-    from fslsage_jax.simulate import write_json_atomic
-    limit = int(cfg.device_memory_gib * memory.GIB) if cfg.device_memory_gib else memory.device_memory_bytes()
-    plans = ex.plan_memory(cfg)
-    print(memory.table(plans, limit))
-    ex.prepare_out(cfg.out, True)
-    write_json_atomic(os.path.join(cfg.out, "memory_plan.json"),
-                      {"limit_bytes": limit, "plans": plans, "config": dataclasses.asdict(cfg)})
-    if limit is None:
-        err("memory plan: the device reports no memory size; pass --device-memory-gib to check a limit")
-        return 0
-    return 0 if all(p["peak_bytes"] <= limit for p in plans) else 4
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     preset = preset_of(argv)
@@ -283,7 +267,9 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, out=out)
         ex.check_out(out, cfg.overwrite, bool(cfg.resume))
         if cfg.memory_plan:
-            return memory_plan(cfg)
+            text, fits = ex.write_memory_plan(cfg)
+            print(text)
+            return 0 if fits else 4
         exp = ex.build(cfg, log=err)
         stop = StopFlag().install()
         try:

@@ -456,6 +456,23 @@ def plan_memory(cfg: ExperimentConfig) -> list[dict]:
     return [memory.plan(name, split, algo_cfg, n_max, n_test) for name in cfg.algos]
 
 
+def write_memory_plan(cfg: ExperimentConfig) -> tuple[str, bool]:
+    """``--memory-plan``: :func:`plan_memory`, ``memory_plan.json`` in ``cfg.out``; returns the
+    table and whether every plan fits ``device_memory_gib`` (else the device's own memory;
+    True when neither is known)."""
+    from fslsage_jax import memory
+    from fslsage_jax.simulate import write_json_atomic
+    limit = int(cfg.device_memory_gib * memory.GIB) if cfg.device_memory_gib else memory.device_memory_bytes()
+    plans = plan_memory(cfg)
+    prepare_out(cfg.out, True)
+    write_json_atomic(os.path.join(cfg.out, "memory_plan.json"),
+                      {"limit_bytes": limit, "plans": plans, "config": dataclasses.asdict(cfg)})
+    text = memory.table(plans, limit)
+    if limit is None:
+        text += "\nthe device reports no memory size; pass --device-memory-gib to check a limit"
+    return text, limit is None or all(p["peak_bytes"] <= limit for p in plans)
+
+
 def _subset(ds, cfg: ExperimentConfig):
     n_tr = cfg.train_subset or len(ds.y_train)
     n_te = cfg.eval_subset or len(ds.y_test)
