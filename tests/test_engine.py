@@ -89,7 +89,8 @@ def test_metrics_file_and_grad_cosine(toy, tmp_path):
     # alignment rounds (0 and 2) report the alignment loss, and it fell (measured round 0
     # 0.7008 -> 0.6967, round 2 0.9053 -> 0.9048); round 1 did not align
     for r in (recs[0], recs[2]):
-        assert r["align_loss_first_epoch"] > r["align_loss_last_epoch"] > 0, r
+        assert r["align_loss_first_epoch"] > r["align_loss_last_epoch"] > 0, (
+            r["round"], r["align_loss_first_epoch"], r["align_loss_last_epoch"])
     assert "align_loss_first_epoch" not in recs[1] and "align_loss_last_epoch" not in recs[1]
     assert recs[0]["comm"]["aux_down"] == 3 * 84 and recs[1]["comm"]["aux_down"] == 3 * 84
     assert recs[2]["comm"]["aux_down"] == 6 * 84
