@@ -1,11 +1,14 @@
 """One round lifted over clients equals a plain Python loop over clients.
 
-The reference below is written independently of the engine: it walks the
-clients and the local steps in Python and calls only the public single-client
-functions (``steps``) and helpers (schedule, FIFO, weighted average). Every
-algorithm, every strategy (and both step loops) must match it within 1e-5
-after two rounds on uneven shards (smaller last batches, idle clients, two
-local epochs, a FIFO that wraps, alignment in both rounds).
+The reference below is independent of the library's algorithm code: a Python loop
+over rounds, local steps and clients written from SPEC.md with flax ``apply``,
+``jax.grad`` / ``jax.vjp`` and optax only (no ``steps``, batch gathering, FIFO or
+averaging helpers of the library). It shares only the starting state (``init``) and
+the random minibatch order, re-derived here from the round key. Every algorithm,
+every strategy (and both step loops) must match it within 1e-5 after two rounds on
+uneven shards (smaller last batches, idle clients, two local epochs, a FIFO that
+wraps, alignment in both rounds). Alignment uses one minibatch per epoch (batch >=
+buffer), so its result does not depend on the alignment shuffle.
 """
 import functools
 
@@ -15,18 +18,15 @@ import numpy as np
 import optax
 import pytest
 
-from fslsage_jax.algorithms import ALGORITHMS, steps
-from fslsage_jax.algorithms.batching import epoch_orders, gather_batch, steps_per_epoch
-from fslsage_jax.algorithms.buffer import buffer_push
-from fslsage_jax.algorithms.config import Config, make_optimizer
-from fslsage_jax.algorithms.trees import weighted_average
+from fslsage_jax.algorithms import ALGORITHMS
+from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays
 
 from conftest import make_toy
 
 M, N_MAX, COUNTS = 3, 7, (7, 5, 4)
 BASE = dict(num_clients=M, batch_size=3, local_epochs=2, server_update_interval=2,
-            align_interval=1, align_epochs=3, align_batch_size=4, align_buffer_size=6)
+            align_interval=1, align_epochs=3, align_batch_size=6, align_buffer_size=6)
 ROUNDS = 2
 
 
@@ -43,108 +43,178 @@ def _unstack(tree):
     return [jax.tree_util.tree_map(lambda a: a[i], tree) for i in range(M)]
 
 
-def _restack(items):
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *items)
-
-
-def _avg_all(items, counts):
-    avg = weighted_average(_restack(items), jnp.asarray(counts, jnp.float32))
+def _average(items, counts):
+    """sum_i n_i x_i / n, leaf by leaf, for every client."""
+    n = float(sum(counts))
+    avg = jax.tree_util.tree_map(lambda *xs: sum(c * x for c, x in zip(counts, xs)) / n, *items)
     return [avg] * M
 
 
-def reference_round(algo, split, cfg, st, data, key, rnd):
-    """A round of ``algo`` as a Python loop over clients; ``st`` is a dict of per-client lists."""
-    opt = make_optimizer(cfg.lr, cfg.weight_decay)
-    aopt = make_optimizer(cfg.aux_lr, cfg.aux_weight_decay)
-    fwd = jax.jit(functools.partial(steps.client_forward, split))
-    bwd = jax.jit(functools.partial(steps.client_backward, opt))
-    srv = jax.jit(functools.partial(steps.server_step, split, opt))
-    full = jax.jit(functools.partial(steps.full_step, split, opt))
-    local = jax.jit(functools.partial(steps.local_aux_step, split, opt, aopt))
-    est = jax.jit(functools.partial(steps.aux_grad_estimate, split))
-    aln = jax.jit(functools.partial(steps.align, split, aopt, epochs=cfg.align_epochs,
-                                    batch_size=cfg.align_batch_size))
-    korder, kstep = jax.random.split(key)
-    orders = epoch_orders(korder, data.counts, N_MAX, cfg.local_epochs)
+def _orders(key, counts, epochs):
+    """The round's minibatch order: per epoch and client, a shuffle of the client's samples
+    (the engine's convention: split(key) -> order key; one uniform draw per sample slot)."""
+    korder, _ = jax.random.split(key)
+    keys = jax.random.split(korder, epochs * M).reshape(epochs, M)
+    out = []
+    for e in range(epochs):
+        row = []
+        for i, c in enumerate(counts):
+            u = np.asarray(jax.random.uniform(keys[e, i], (N_MAX,)))
+            row.append([int(j) for j in np.argsort(np.where(np.arange(N_MAX) < c, u, 2.0),
+                                                    kind="stable")[:c]])
+        out.append(row)
+    return out
+
+
+def _ce(logits, y):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+
+def _make_reference_fns(split):
+    client = lambda cp, x: split.client.apply({"params": cp}, x)
+    server = lambda sp, z: split.server.apply({"params": sp}, z)
+    aux = lambda ap, z: split.aux.apply({"params": ap}, z)
+
+    @jax.jit
+    def full_grads(cp, sp, x, y):           # d/d(client, server) CE(server(client(x)), y)
+        return jax.grad(lambda c, s: _ce(server(s, client(c, x)), y), (0, 1))(cp, sp)
+
+    @jax.jit
+    def local_grads(cp, ap, x, y):          # CSE-FSL: d/d(client, aux) CE(aux(client(x)), y)
+        return jax.grad(lambda c, a: _ce(aux(a, client(c, x)), y), (0, 1))(cp, ap)
+
+    @jax.jit
+    def server_grads(sp, z, y):             # d/d(server, z) CE(server(z), y)
+        return jax.grad(lambda s, z: _ce(server(s, z), y), (0, 1))(sp, z)
+
+    @jax.jit
+    def client_vjp(cp, x, g):               # push a cut-layer gradient through the client
+        return jax.vjp(lambda c: client(c, x), cp)[1](g)[0]
+
+    @jax.jit
+    def aux_estimate(ap, z, y):             # FSL-SAGE: g_hat = grad_z CE(aux(z), y)
+        return jax.grad(lambda z: _ce(aux(ap, z), y))(z)
+
+    @jax.jit
+    def align_grads(ap, sp, z, y):          # d/d(aux) sum (grad_z CE(aux) - grad_z CE(server))^2
+        target = jax.grad(lambda z: _ce(server(sp, z), y))(z)
+        return jax.grad(lambda a: jnp.sum((jax.grad(lambda z: _ce(aux(a, z), y))(z) - target) ** 2))(ap)
+
+    return dict(client=jax.jit(client), full=full_grads, local=local_grads, server=server_grads,
+                vjp=client_vjp, est=aux_estimate, align=align_grads)
+
+
+def reference_round(algo, f, cfg, st, data, key, rnd):
+    """A round of ``algo`` as a Python loop over clients; ``st`` holds per-client lists and
+    ``f`` the functions of :func:`_make_reference_fns`."""
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))  # PyTorch Adam
+    # the auxiliary model's own optimizer (CSE-FSL training and FSL-SAGE alignment)
+    aux_opt = optax.chain(optax.add_decayed_weights(cfg.aux_weight_decay), optax.adam(cfg.aux_lr))
+    align_opt = aux_opt
+
+    def step(params, opt_state, grads, o=opt):
+        updates, opt_state = o.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     counts = [int(c) for c in data.counts]
-    for t in range(cfg.local_epochs * steps_per_epoch(N_MAX, cfg.batch_size)):
-        b = gather_batch(data.x, data.y, data.counts, orders, jnp.int32(t), cfg.batch_size)
-        rng = jax.random.fold_in(kstep, t)
-        act = [bool(a) for a in b.active]
-        up = [act[i] and int(b.k[i]) % cfg.server_update_interval == 0 for i in range(M)]
-        xb, yb, wb = b.x, b.y, b.w
-        if algo == "fed_avg":
-            rngs = jax.random.split(rng, M)
-            for i in range(M):
-                if act[i]:
-                    st["c"][i], st["s"][i], st["co"][i], _ = full(
-                        st["c"][i], st["s"][i], st["co"][i], xb[i], yb[i], wb[i], rngs[i])
-        elif algo == "sl_multi_server":
-            rngs = jax.random.split(rng, M)
-            for i in range(M):
-                if act[i]:
-                    kc, ks = jax.random.split(rngs[i])
-                    z, vjp_fn, cs = fwd(st["c"][i], xb[i], kc)
-                    st["s"][i], st["so"][i], gz, _ = srv(st["s"][i], st["so"][i], z, yb[i], wb[i], ks)
-                    st["c"][i], st["co"][i] = bwd(st["c"][i], st["co"][i], vjp_fn, gz, cs)
-        elif algo == "sl_single_server":
-            kc, ks = jax.random.split(rng)
-            crng, srng = jax.random.split(kc, M), jax.random.split(ks, M)
-            outs = [fwd(st["c"][i], xb[i], crng[i]) for i in range(M)]
-            for i in range(M):                      # the server serves clients in order
-                if act[i]:
-                    st["s"], st["so"], gz, _ = srv(st["s"], st["so"], outs[i][0], yb[i], wb[i], srng[i])
-                    st["c"][i], st["co"][i] = bwd(st["c"][i], st["co"][i], outs[i][1], gz, outs[i][2])
-        elif algo == "cse_fsl":
-            kc, ks = jax.random.split(rng)
-            crng, srng = jax.random.split(kc, M), jax.random.split(ks, M)
-            zs = [None] * M
-            for i in range(M):
-                if act[i]:
-                    (st["c"][i], st["co"][i], st["a"][i], st["ao"][i], zs[i], _) = local(
-                        st["c"][i], st["co"][i], st["a"][i], st["ao"][i],
-                        xb[i], yb[i], wb[i], crng[i])
-            for i in range(M):
-                if up[i]:
-                    st["s"], st["so"], _, _ = srv(st["s"], st["so"], zs[i], yb[i], wb[i], srng[i])
-        elif algo == "fsl_sage":
-            kc, ks, ka = jax.random.split(rng, 3)
-            crng, srng, arng = (jax.random.split(k, M) for k in (kc, ks, ka))
-            outs = [fwd(st["c"][i], xb[i], crng[i]) for i in range(M)]
-            for i in range(M):
-                if up[i]:
-                    st["s"], st["so"], _, _ = srv(st["s"], st["so"], outs[i][0], yb[i], wb[i], srng[i])
-                    st["buf"][i] = buffer_push(st["buf"][i], outs[i][0], yb[i], wb[i])
-            if t == 0 and rnd % cfg.align_interval == 0:
-                for i in range(M):
-                    st["a"][i], st["ao"][i], _ = aln(st["a"][i], st["ao"][i], st["s"], st["buf"][i],
-                                                     arng[i])
-            for i in range(M):
-                if act[i]:
-                    g_hat = est(st["a"][i], outs[i][0], yb[i], wb[i])
-                    st["c"][i], st["co"][i] = bwd(st["c"][i], st["co"][i], outs[i][1], g_hat, outs[i][2])
-    st["c"] = _avg_all(st["c"], counts)
+    x, y = np.asarray(data.x), np.asarray(data.y)
+    B, Q = cfg.batch_size, cfg.server_update_interval
+    s_max = -(-N_MAX // B)
+    orders = _orders(key, counts, cfg.local_epochs)
+    for e in range(cfg.local_epochs):
+        for s in range(s_max):
+            t = e * s_max + s
+            idx = [orders[e][i][s * B:(s + 1) * B] for i in range(M)]   # [] when idle
+            act = [len(ix) > 0 for ix in idx]
+            k = [e * -(-counts[i] // B) + s for i in range(M)]
+            up = [act[i] and k[i] % Q == 0 for i in range(M)]
+            xb = [x[i, ix] for i, ix in enumerate(idx)]
+            yb = [y[i, ix] for i, ix in enumerate(idx)]
+            live = [i for i in range(M) if act[i]]
+            if algo in ("fed_avg", "sl_multi_server"):
+                # FedAvg's optimizer acts on the pair; SplitFed-MS has two optimizers
+                for i in live:
+                    gc, gs = f["full"](st["c"][i], st["s"][i], xb[i], yb[i])
+                    if algo == "fed_avg":
+                        (st["c"][i], st["s"][i]), st["co"][i] = step(
+                            (st["c"][i], st["s"][i]), st["co"][i], (gc, gs))
+                    else:
+                        st["s"][i], st["so"][i] = step(st["s"][i], st["so"][i], gs)
+                        st["c"][i], st["co"][i] = step(st["c"][i], st["co"][i], gc)
+            elif algo == "sl_single_server":
+                z = {i: f["client"](st["c"][i], xb[i]) for i in live}
+                for i in live:                      # the one server serves clients in order
+                    gs, gz = f["server"](st["s"], z[i], yb[i])
+                    st["s"], st["so"] = step(st["s"], st["so"], gs)
+                    st["c"][i], st["co"][i] = step(st["c"][i], st["co"][i],
+                                                   f["vjp"](st["c"][i], xb[i], gz))
+            elif algo == "cse_fsl":
+                z = {i: f["client"](st["c"][i], xb[i]) for i in live}     # before the step
+                for i in live:
+                    gc, ga = f["local"](st["c"][i], st["a"][i], xb[i], yb[i])
+                    st["c"][i], st["co"][i] = step(st["c"][i], st["co"][i], gc)
+                    st["a"][i], st["ao"][i] = step(st["a"][i], st["ao"][i], ga, aux_opt)
+                for i in live:
+                    if up[i]:
+                        gs, _ = f["server"](st["s"], z[i], yb[i])
+                        st["s"], st["so"] = step(st["s"], st["so"], gs)
+            elif algo == "fsl_sage":
+                z = {i: f["client"](st["c"][i], xb[i]) for i in live}
+                for i in live:
+                    if up[i]:
+                        gs, _ = f["server"](st["s"], z[i], yb[i])
+                        st["s"], st["so"] = step(st["s"], st["so"], gs)
+                        st["buf"][i] = (st["buf"][i] + list(zip(np.asarray(z[i]), yb[i])))[
+                            -cfg.align_buffer_size:]
+                if t == 0 and rnd % cfg.align_interval == 0:
+                    for i in range(M):              # every client, against the current server
+                        if not st["buf"][i]:
+                            continue
+                        zb = jnp.stack([a for a, _ in st["buf"][i]])
+                        ybuf = jnp.asarray([b for _, b in st["buf"][i]])
+                        for _ in range(cfg.align_epochs):
+                            st["a"][i], st["ao"][i] = step(
+                                st["a"][i], st["ao"][i], f["align"](st["a"][i], st["s"], zb, ybuf),
+                                align_opt)
+                for i in live:
+                    g_hat = f["est"](st["a"][i], z[i], yb[i])
+                    st["c"][i], st["co"][i] = step(st["c"][i], st["co"][i],
+                                                   f["vjp"](st["c"][i], xb[i], g_hat))
+    st["c"] = _average(st["c"], counts)
     if algo in ("fed_avg", "sl_multi_server"):
-        st["s"] = _avg_all(st["s"], counts)
+        st["s"] = _average(st["s"], counts)
     if algo == "cse_fsl":
-        st["a"] = _avg_all(st["a"], counts)
+        st["a"] = _average(st["a"], counts)
     return st
 
 
+# reference key -> the library State's field (the one place that names them)
 FIELDS = {"c": "clients", "co": "client_opt", "s": "server", "so": "server_opt", "a": "aux",
           "ao": "aux_opt", "buf": "buffer"}
 PER_CLIENT_SERVER = ("fed_avg", "sl_multi_server")
+MODELS = ("c", "s", "a")
 
 
 def _to_lists(algo, state):
+    """The library state as the reference's per-client lists (models as their params;
+    the toy model has no other variables)."""
     st = {}
     for k, f in FIELDS.items():
         v = getattr(state, f, None)
         if v is None:
             continue
+        if k in MODELS:
+            assert not jax.tree_util.tree_leaves(v.state)
+            v = v.params
         shared = k in ("s", "so") and algo not in PER_CLIENT_SERVER
         st[k] = v if shared else _unstack(v)
     return st
+
+
+def _buffer_rows(buf):
+    """A library FIFO as a list of (z, y), oldest first (its valid rows sit at the end)."""
+    n = int(buf.size)
+    return [(np.asarray(buf.z[len(buf.z) - n + j]), int(buf.y[len(buf.y) - n + j])) for j in range(n)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,8 +222,12 @@ def reference(algo):
     split, cfg, data = make_toy(), Config(**BASE), _data()
     state = ALGORITHMS[algo](split, cfg, N_MAX).init(jax.random.key(0))   # identical initial models
     st = _to_lists(algo, state)
+    if "buf" in st:
+        assert all(int(b.size) == 0 for b in st["buf"])
+        st["buf"] = [[] for _ in range(M)]
+    f = _make_reference_fns(split)
     for r in range(ROUNDS):
-        st = reference_round(algo, split, cfg, st, data, jax.random.key(100 + r), r)
+        st = reference_round(algo, f, cfg, st, data, jax.random.key(100 + r), r)
     return st
 
 
@@ -171,9 +245,15 @@ def test_lifted_round_equals_loop_over_clients(algo, strategy, step_loop):
         state, metrics = alg.run_round(state, data, jax.random.key(100 + r))
     got, want = _to_lists(algo, state), reference(algo)
     assert set(got) == set(want)
+    close = lambda a, b, k: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5, err_msg=f"{algo} {FIELDS[k]}")
     for k in want:
-        jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                                    atol=1e-5, err_msg=f"{algo} {FIELDS[k]}"),
-            got[k], want[k])
+        if k == "buf":
+            for g, w in zip(got[k], want[k]):
+                g = _buffer_rows(g)
+                assert [yy for _, yy in g] == [int(yy) for _, yy in w] and len(g) > 0
+                for (gz, _), (wz, _) in zip(g, w):
+                    close(gz, wz, k)
+            continue
+        jax.tree_util.tree_map(lambda a, b: close(a, b, k), got[k], want[k])
     assert int(state.round) == ROUNDS

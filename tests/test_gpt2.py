@@ -15,6 +15,7 @@ from fslsage_jax.models.gpt2 import (
     GPT2_MEDIUM,
     GPT2Config,
     GPT2Full,
+    config_from_hf,
     lm_correct,
     lm_eval_loss,
     lm_loss,
@@ -27,6 +28,7 @@ from fslsage_jax.models.gpt2_weights import (
     load_gpt2_weights,
     load_tokenizer,
     random_init_notice,
+    read_config,
 )
 from fslsage_jax.split import Vars, apply_part, describe, init_split
 
@@ -255,6 +257,60 @@ def test_weight_loading_errors_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="no folder"):
         load_gpt2_weights(str(tmp_path / "absent"), CFG)
     assert "randomly initialised" in random_init_notice(CFG)
+
+
+
+def test_weight_loading_refuses_aux_blocks_beyond_the_model():
+    # aux_mode "lora" copies the pretrained blocks after the cut: 1 client + 3 aux > 3 blocks
+    c = GPT2Config(**{**CFG.__dict__, "aux_mode": "lora", "n_aux_blocks": 3})
+    with pytest.raises(ValueError, match=r"n_client_blocks \+ n_aux_blocks <= n_layer.*1 \+ 3"):
+        frozen_from_state_dict(hf_tensors(CFG), c)
+    # exactly up to the last block is fine: the aux model holds copies of blocks 1 and 2
+    c = GPT2Config(**{**CFG.__dict__, "aux_mode": "lora", "n_aux_blocks": 2})
+    t = hf_tensors(CFG)
+    w = frozen_from_state_dict(t, c)
+    np.testing.assert_array_equal(w.aux["h_2"]["c_fc_kernel"], t["h.2.mlp.c_fc.weight"])
+    # aux_mode "full" copies no block (randomly initialised auxiliary blocks): no limit
+    frozen_from_state_dict(t, GPT2Config(**{**CFG.__dict__, "aux_mode": "full", "n_aux_blocks": 3}))
+
+
+def _hf_config(**fields):
+    from transformers import GPT2Config as HFConfig
+    return HFConfig(vocab_size=23, n_positions=12, n_embd=16, n_layer=3, n_head=2, **fields)
+
+
+def test_config_from_hf_reads_the_shape():
+    c = config_from_hf(_hf_config(layer_norm_epsilon=1e-6), n_aux_blocks=1)
+    assert c == GPT2Config(vocab_size=23, n_positions=12, n_embd=16, n_layer=3, n_head=2,
+                           layer_norm_epsilon=1e-6, n_aux_blocks=1)
+    # the same computation under other names / in another order: accepted
+    base = config_from_hf(_hf_config(), n_aux_blocks=1)
+    for ok in [dict(activation_function="gelu_pytorch_tanh"), dict(activation_function="gelu_fast"),
+               dict(n_inner=64), dict(reorder_and_upcast_attn=True), dict(resid_pdrop=0.0)]:
+        assert config_from_hf(_hf_config(**ok), n_aux_blocks=1) == base, ok
+
+
+@pytest.mark.parametrize("field, value", [
+    ("activation_function", "gelu"),
+    ("activation_function", "relu"),
+    ("scale_attn_weights", False),
+    ("scale_attn_by_inverse_layer_idx", True),
+    ("add_cross_attention", True),
+    ("tie_word_embeddings", False),
+    ("n_inner", 32),
+])
+def test_config_from_hf_refuses_what_it_cannot_compute(field, value):
+    with pytest.raises(ValueError, match=rf"{field}={value!r} is not supported"):
+        config_from_hf(_hf_config(**{field: value}))
+
+
+def test_read_config_refuses_from_config_json(tmp_path):
+    # the path the CLI's --pretrained takes: a config.json with an unsupported field
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "vocab_size": 23, "n_positions": 12, "n_embd": 16, "n_layer": 3,
+         "n_head": 2, "activation_function": "gelu"}))
+    with pytest.raises(ValueError, match=r"activation_function='gelu'"):
+        read_config(str(tmp_path))
 
 
 # ------------------------------------------------------------------- losses ----

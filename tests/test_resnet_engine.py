@@ -38,7 +38,7 @@ def test_one_round_each_algorithm(setup, algo):
     cfg = Config(num_clients=M, batch_size=B, server_update_interval=1, align_interval=1,
                  align_epochs=1, align_batch_size=4, align_buffer_size=8)
     a = ALGORITHMS[algo](split, cfg, N)
-    s0 = a.init(jax.random.key(0))
+    s0 = jax.jit(a.init)(jax.random.key(0))                # op by op it compiles ~170 times
     s0 = jax.tree_util.tree_map(np.array, s0)            # host copy: run_round donates its input
     s1, acc = a.run_round(jax.tree_util.tree_map(jnp.asarray, s0), data, jax.random.key(1))
     assert np.isfinite(acc["loss_sum"]) and acc["loss_n"] > 0
@@ -68,3 +68,53 @@ def test_model_bytes_count_batchnorm_statistics(setup):
     cv, _, _ = init_split(split, jax.random.key(0))
     assert narrow.client == model_bytes(cv) and model_bytes(cv) > 4 * sum(
         x.size for x in jax.tree_util.tree_leaves(cv.params))
+
+
+def test_first_step_loss_and_batchnorm_average_by_hand():
+    # one local step a round (batch 8 >= shards of 6 and 5), no augmentation: the round's loss
+    # is the first step's loss, and each client's BatchNorm statistics come from one forward
+    # pass over its whole shard with the initial model; the server averages them with n_i / n
+    split = make_resnet18((32, 32, 3), 10, width=8)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(M, N, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, (M, N)).astype(np.int32)
+    counts = [N, N - 1]
+    cfg = Config(num_clients=M, batch_size=8, server_update_interval=1)
+    a = ALGORITHMS["sl_multi_server"](split, cfg, N)
+    state = jax.jit(a.init)(jax.random.key(0))
+    c0, s0 = jax.tree_util.tree_map(np.array, a.global_model(state))     # run_round donates
+    state, acc = a.run_round(state, ClientArrays(jnp.asarray(x), jnp.asarray(y),
+                                                 jnp.asarray(counts, jnp.int32)), jax.random.key(1))
+
+    # by hand: plain flax apply in training mode on each client's real samples only
+    @jax.jit
+    def by_hand(xi, yi):
+        z, cs = split.client.apply({"params": c0.params, **c0.state}, xi, train=True,
+                                   mutable=["batch_stats"])
+        logits, _ = split.server.apply({"params": s0.params, **s0.state}, z, train=True,
+                                       mutable=["batch_stats"])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, yi[:, None], 1)), cs["batch_stats"]
+
+    losses, stats = [], []
+    for i, n in enumerate(counts):
+        loss, st = by_hand(x[i, :n], y[i, :n])
+        losses.append(float(loss))
+        stats.append(st)
+    w = np.asarray(counts, np.float64) / sum(counts)
+    assert acc["loss_sum"] / acc["loss_n"] == pytest.approx(float(np.dot(w, losses)), rel=1e-5)
+    want = jax.tree_util.tree_map(lambda s0_, s1_: w[0] * np.asarray(s0_) + w[1] * np.asarray(s1_),
+                                  *stats)
+    got = jax.tree_util.tree_map(lambda a_: np.asarray(a_[0]), state.clients.state["batch_stats"])
+    jax.tree_util.tree_map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6),
+                           got, want)
+
+    # the stem's BatchNorm mean once more from first principles: conv 7x7/2, padding 3, no bias;
+    # running mean starts at 0, PyTorch momentum 0.1
+    kernel = np.asarray(c0.params["conv1"]["kernel"])
+    conv = [jax.lax.conv_general_dilated(x[i, :n], kernel, (2, 2), ((3, 3), (3, 3)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            for i, n in enumerate(counts)]
+    stem_mean = sum(wi * 0.1 * np.asarray(c).mean((0, 1, 2)) for wi, c in zip(w, conv))
+    np.testing.assert_allclose(got["bn1"]["mean"], stem_mean, rtol=1e-4, atol=1e-6)
+    assert np.abs(stem_mean).max() > 1e-3                  # not the initial zeros

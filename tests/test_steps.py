@@ -142,6 +142,40 @@ def test_weighted_average_by_hand():
     np.testing.assert_allclose(avg["b"], (0 + 10 + 40) / 4)
 
 
+def test_weighted_average_floats_weighted_integers_equal_across_clients_kept():
+    # float leaves: the n_i / n weighted mean, dtype kept, no client axis
+    w = jnp.array([2.0, 1.0, 1.0])
+    tree = {"p": jnp.array([[1.0, -2.0], [3.0, 4.0], [5.0, 8.0]]),
+            "half": jnp.array([1.0, 2.0, 4.0], jnp.bfloat16),
+            # integer leaves (e.g. an optimizer step counter) that every client holds equally:
+            # the result is that value, exactly, even beyond float32's 2**24
+            "count": jnp.array([7, 7, 7], jnp.int32),
+            "big": jnp.full((3, 2), 2 ** 30 + 1, jnp.int32)}
+    avg = weighted_average(tree, w)
+    np.testing.assert_allclose(avg["p"], [(2 + 3 + 5) / 4, (-4 + 4 + 8) / 4], rtol=1e-6)
+    assert avg["p"].dtype == jnp.float32 and avg["half"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(avg["half"]), (2 + 2 + 4) / 4)
+    assert avg["count"].dtype == jnp.int32 and int(avg["count"]) == 7
+    np.testing.assert_array_equal(avg["big"], [2 ** 30 + 1] * 2)
+    # the same under jit, and invariant to the order of the clients (weights permuted along)
+    perm = jnp.array([2, 0, 1])
+    again = jax.jit(weighted_average)(jax.tree_util.tree_map(lambda a: a[perm], tree), w[perm])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.float32(a), np.float32(b), rtol=1e-6), again, avg)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 9, proposed: integer leaves that differ "
+                   "across clients take the n_i/n weighted mean rounded to the nearest integer; "
+                   "the library still keeps client 0's value")
+def test_weighted_average_unequal_integer_leaves_take_rounded_weighted_mean():
+    # uneven shards: clients took 10, 4 and 4 optimizer steps; weights n_i = 2, 1, 1
+    avg = weighted_average({"count": jnp.array([10, 4, 4], jnp.int32)}, jnp.array([2.0, 1.0, 1.0]))
+    assert avg["count"].dtype == jnp.int32 and int(avg["count"]) == (20 + 4 + 4) // 4
+    # and so it does not depend on which client comes first
+    avg = weighted_average({"count": jnp.array([4, 10, 4], jnp.int32)}, jnp.array([1.0, 2.0, 1.0]))
+    assert int(avg["count"]) == 7
+
+
 def test_schedule_uneven_last_batch_and_local_index():
     counts = jnp.array([5, 4, 1])
     n_max, B, E = 5, 2, 2

@@ -94,10 +94,11 @@ def test_unreadable_data_maps_to_exit_2(tmp_path, capsys, monkeypatch):
 def test_incompatible_model_and_dataset(tmp_path, capsys, monkeypatch):
     assert experiment._cnn_input_error((8, 8, 1), 10) is None
     assert "needs images (H, W, C)" in experiment._cnn_input_error((64,), 10)
-    monkeypatch.setitem(experiment.MODEL_INPUT_CHECKS, "cnn",
-                        lambda shape, k: None if shape[0] >= 32 else "needs 32x32 images")
-    line = _main_fails(["--out", str(tmp_path / "o")], capsys)
-    assert line == "error: --model cnn: cannot be used with --dataset digits: needs 32x32 images"
+    # the real rule: ResNet-18's client part downsamples 8x, digits are 8x8
+    line = _main_fails(["--model", "resnet18", "--out", str(tmp_path / "o")], capsys)
+    assert line == ("error: --model resnet18: cannot be used with --dataset digits: needs images of "
+                    "at least 32x32 (its client part downsamples 8x), got inputs of shape (8, 8, 1)")
+    assert not (tmp_path / "o").exists()
 
     from fslsage_jax import models
 

@@ -91,8 +91,47 @@ GPT2_TINY = GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=4, 
                        n_aux_blocks=1, initializer_range=0.1)
 
 
+# transformers' names of the tanh-approximated GELU this model computes: ``gelu_new`` and
+# ``gelu_pytorch_tanh`` are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); ``gelu_fast`` is the
+# same expression written as tanh(0.7978845608 x (1 + 0.044715 x^2)).
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+# ``transformers.GPT2Config`` fields that change the computation, with the value this model
+# reproduces (a field absent from the config object counts as that value).
+_HF_REQUIRED = {
+    "scale_attn_weights": True,               # scores / sqrt(head_dim)
+    "scale_attn_by_inverse_layer_idx": False,  # no extra 1 / (layer + 1)
+    "add_cross_attention": False,             # no cross-attention sub-layers
+    "tie_word_embeddings": True,              # LM head = wte^T
+}
+
+
 def config_from_hf(hf_config, **overrides) -> GPT2Config:
-    """A :class:`GPT2Config` from a ``transformers.GPT2Config`` (shape fields) plus overrides."""
+    """A :class:`GPT2Config` from a ``transformers.GPT2Config`` (shape fields) plus overrides.
+
+    Refuses a configuration this model cannot reproduce: an activation other than the tanh
+    GELU (``gelu_new``), ``n_inner`` other than ``4 * n_embd``, ``scale_attn_weights=False``,
+    ``scale_attn_by_inverse_layer_idx=True``, ``add_cross_attention=True`` or untied
+    embeddings. Accepted as they are: ``reorder_and_upcast_attn`` (in float32, as here, it
+    computes the same scores, only in another order), and the residual, embedding and
+    attention dropout rates (this model has LoRA dropout only, as the LoRA recipe).
+
+    Raises:
+      ValueError naming the field and its value.
+    """
+    def refuse(field, value, why):
+        raise ValueError(f"GPT-2 config: {field}={value!r} is not supported ({why})")
+
+    act = getattr(hf_config, "activation_function", "gelu_new")
+    if act not in _TANH_GELU:
+        refuse("activation_function", act, f"this model computes the tanh GELU, one of {_TANH_GELU}")
+    for field, want in _HF_REQUIRED.items():
+        value = getattr(hf_config, field, want)
+        if bool(value) != want:
+            refuse(field, value, f"this model computes {field}={want}")
+    n_inner = getattr(hf_config, "n_inner", None)
+    if n_inner is not None and n_inner != 4 * hf_config.n_embd:
+        refuse("n_inner", n_inner, f"this model's MLP width is 4 * n_embd = {4 * hf_config.n_embd}")
     shape = {k: getattr(hf_config, k) for k in
              ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon")}
     return GPT2Config(**{**shape, **overrides})

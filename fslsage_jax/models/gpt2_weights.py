@@ -61,10 +61,18 @@ def frozen_from_state_dict(tensors: dict[str, Any], config: GPT2Config) -> GPT2W
       :class:`GPT2Weights`. ``aux`` holds ``wte`` and, for ``aux_mode="lora"``, copies of
       the pretrained blocks ``n_client_blocks..n_client_blocks+n_aux_blocks-1`` and ``ln_f``.
     Raises:
-      KeyError naming a missing key; ValueError naming a key whose shape is wrong.
+      KeyError naming a missing key; ValueError naming a key whose shape is wrong, or
+      (``aux_mode="lora"``) when ``n_client_blocks + n_aux_blocks > n_layer``: there are not
+      enough pretrained blocks after the cut to copy into the auxiliary model.
     """
     t = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     c, d = config, config.n_embd
+    if c.aux_mode == "lora" and c.n_client_blocks + c.n_aux_blocks > c.n_layer:
+        raise ValueError(
+            f"GPT-2 weights: the auxiliary model copies the pretrained blocks after the cut, "
+            f"{c.n_client_blocks}..{c.n_client_blocks + c.n_aux_blocks - 1}, but the model has "
+            f"n_layer={c.n_layer} blocks: need n_client_blocks + n_aux_blocks <= n_layer "
+            f"(got {c.n_client_blocks} + {c.n_aux_blocks})")
 
     def get(key, shape):
         if key not in t:
@@ -90,7 +98,7 @@ def frozen_from_state_dict(tensors: dict[str, Any], config: GPT2Config) -> GPT2W
     if c.aux_mode == "lora":
         first = c.n_client_blocks
         aux.update(ln_f)
-        aux.update({f"h_{i}": block(min(i, c.n_layer - 1)) for i in range(first, first + c.n_aux_blocks)})
+        aux.update({f"h_{i}": block(i) for i in range(first, first + c.n_aux_blocks)})
     return GPT2Weights(config, client, server, aux)
 
 
