@@ -164,9 +164,6 @@ def test_weighted_average_floats_weighted_integers_equal_across_clients_kept():
         np.float32(a), np.float32(b), rtol=1e-6), again, avg)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 9, proposed: integer leaves that differ "
-                   "across clients take the n_i/n weighted mean rounded to the nearest integer; "
-                   "the library still keeps client 0's value")
 def test_weighted_average_unequal_integer_leaves_take_rounded_weighted_mean():
     # uneven shards: clients took 10, 4 and 4 optimizer steps; weights n_i = 2, 1, 1
     avg = weighted_average({"count": jnp.array([10, 4, 4], jnp.int32)}, jnp.array([2.0, 1.0, 1.0]))
@@ -207,3 +204,8 @@ def test_lift_strategies_agree(strategy):
     got = jax.jit(lift(f, strategy, chunk_size=2))(a, b)
     for w, g in zip(want, got):
         np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_weighted_average_refuses_leaves_without_an_average():
+    with pytest.raises(TypeError, match="has no average"):
+        weighted_average({"flag": jnp.array([True, False])}, jnp.array([1.0, 1.0]))
