@@ -88,14 +88,15 @@ def bytes_table() -> str:
     head = "| algorithm | kept per client | " + " | ".join(m[0] for m in models) + " |"
     rows = [head, "|---|---|" + "---|" * len(models)]
     variants = []
-    for name, defn in ALGORITHMS.items():
-        variants.append((name, defn, base))
-        if name == "fed_avg":
-            variants.append(("fed_avg (--fedavg-server shared)", defn, replace(base, fedavg_server="shared")))
-        if name == "fsl_sage":
-            variants[-1] = ("fsl_sage (buffer 1000)", defn, base)
-            variants.append(("fsl_sage (--align-buffer-size 64)", defn,
+    for name, defn in ALGORITHMS.items():       # variants from the settings each algorithm reads
+        if "align_buffer_size" in defn.uses:
+            variants.append((f"{name} (buffer 1000)", defn, base))
+            variants.append((f"{name} (--align-buffer-size 64)", defn,
                              replace(base, align_buffer_size=64, align_batch_size=64)))
+        else:
+            variants.append((name, defn, base))
+        if "fedavg_server" in defn.uses:
+            variants.append((f"{name} (--fedavg-server shared)", defn, replace(base, fedavg_server="shared")))
     for name, defn, cfg in variants:
         cells, what = [], None
         for _, model, shape, classes in models:
