@@ -39,7 +39,6 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fslsage_jax.algorithms.engine import ClientArrays

@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fslsage_jax.algorithms import steps
+from fslsage_jax.algorithms import sl_single_server, steps
 from fslsage_jax.algorithms.config import FEDAVG_SERVERS, Config, optimizer_for
 from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import (Algorithm, add_loss, average_into, first, frozen_parts,
-                                           global_vars, init_parts, lifter, make_run_round, make_serve,
+                                           global_vars, init_parts, lifter, make_run_round,
                                            resolve_config)
 from fslsage_jax.algorithms.trees import broadcast, tree_where
 from fslsage_jax.split import SplitModel, Vars
@@ -89,13 +89,7 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
 
 def _make_shared(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
     """The authors' FedAvg: client parts per client, one server part updated in client order."""
-    m, opt, L = cfg.num_clients, optimizer_for(cfg), lifter(cfg)
-    serve = make_serve(split, opt, cfg, per_client_opt=True)
-    forward = L(lambda fc, cv, x, w, r: steps.client_forward(split, cv.with_frozen(fc), x, r, w), shared=1)
-
-    def backward(cv, copt, vjp_fn, gz, cstate, active):
-        return tree_where(active, steps.client_backward(opt, cv, copt, vjp_fn, gz, cstate), (cv, copt))
-    backward = L(backward)
+    m, opt = cfg.num_clients, optimizer_for(cfg)
 
     def init(key):
         cv, sv, _, frozen = init_parts(split, key)
@@ -103,15 +97,8 @@ def _make_shared(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
                                        broadcast(opt.init(cv.params), m), sv,
                                        broadcast(opt.init(sv.params), m), frozen)
 
-    def step(state, b, t, rng, acc):
-        fc, fs, _ = frozen_parts(state)
-        kc, ks = jax.random.split(rng)
-        z, vjp_fn, cstate = forward(fc, state.clients, b.x, b.w, jax.random.split(kc, m))
-        sv, sopt, gz, loss = serve(state.server.with_frozen(fs), state.server_opt, z, b.y, b.w,
-                                   b.active, ks)
-        cv, copt = backward(state.clients, state.client_opt, vjp_fn, gz, cstate, b.active)
-        state = state._replace(clients=cv, client_opt=copt, server=sv, server_opt=sopt)
-        return state, add_loss(acc, loss, b.w.sum(1))
+    # SplitFed-SS's step with a per-client optimizer state for the server, no cut-layer bytes
+    step = sl_single_server.make_step(split, cfg, per_client_server_opt=True, count=False)
 
     def end(state, weights, acc):
         return state._replace(clients=average_into(state.clients, weights)), acc

@@ -5,7 +5,7 @@ client order (a step each) and sends the true gradients dL/dz back.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +32,18 @@ class SingleServerState(NamedTuple):
     frozen: Any = None
 
 
-def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
-    """SplitFed-SS (V2): one server updated by every client's batch in turn."""
-    cfg = resolve_config(cfg, split)
-    m, opt, L = cfg.num_clients, optimizer_for(cfg), lifter(cfg)
-    serve = make_serve(split, opt, cfg)
+def make_step(split: SplitModel, cfg: Config, per_client_server_opt: bool = False,
+              count: bool = True) -> Callable:
+    """The lockstep local step of clients sharing one server that serves them in client
+    order: client forward, the server's steps (each returning dL/dz), client backward.
 
-    def init(key):
-        cv, sv, _, frozen = init_parts(split, key)
-        return SingleServerState(jnp.zeros((), jnp.int32), broadcast(cv, m),
-                                 broadcast(opt.init(cv.params), m), sv, opt.init(sv.params), frozen)
+    ``per_client_server_opt``: every client has its own optimizer state for the server
+    (``server_opt`` with a client axis: the authors' FedAvg reuses this step);
+    ``count``: count the cut-layer messages (z up, dL/dz down; FedAvg sends none).
+    Returns ``step(state, b, t, rng, acc) -> (state, acc)``.
+    """
+    m, opt, L = cfg.num_clients, optimizer_for(cfg), lifter(cfg)
+    serve = make_serve(split, opt, cfg, per_client_opt=per_client_server_opt)
 
     def backward(cv, copt, vjp_fn, gz, cstate, active):
         new = steps.client_backward(opt, cv, copt, vjp_fn, gz, cstate)
@@ -57,7 +59,22 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
                                    b.active, ks)
         cv, copt = backward(state.clients, state.client_opt, vjp_fn, gz, cstate, b.active)
         state = state._replace(clients=cv, client_opt=copt, server=sv, server_opt=sopt)
-        return state, count_messages(add_loss(acc, loss, b.w.sum(1)), b.w, z_up=True, g_down=True)
+        acc = add_loss(acc, loss, b.w.sum(1))
+        return state, (count_messages(acc, b.w, z_up=True, g_down=True) if count else acc)
+    return step
+
+
+def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
+    """SplitFed-SS (V2): one server updated by every client's batch in turn."""
+    cfg = resolve_config(cfg, split)
+    m, opt = cfg.num_clients, optimizer_for(cfg)
+
+    def init(key):
+        cv, sv, _, frozen = init_parts(split, key)
+        return SingleServerState(jnp.zeros((), jnp.int32), broadcast(cv, m),
+                                 broadcast(opt.init(cv.params), m), sv, opt.init(sv.params), frozen)
+
+    step = make_step(split, cfg)
 
     def end(state, weights, acc):
         return state._replace(clients=average_into(state.clients, weights)), acc
