@@ -27,7 +27,7 @@ import pytest
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays
-from fslsage_jax.simulate import run_simulation
+from fslsage_jax.simulate import RunOptions, Task, run_simulation
 
 from conftest import make_toy
 
@@ -99,8 +99,9 @@ def test_auxiliary_models_are_never_averaged(rounds):
 
 def test_alignment_raises_grad_cosine_and_lowers_its_loss(tmp_path):
     x, y, counts = _shards(0)
-    run_simulation("fsl_sage", make_toy(), CFG, types.SimpleNamespace(x=x, y=y, counts=counts),
-                   x[0, :4], y[0, :4], rounds=1, seed=0, out_dir=str(tmp_path), progress=False)
+    run_simulation("fsl_sage", Task(make_toy(), CFG, types.SimpleNamespace(x=x, y=y, counts=counts),
+                                    x[0, :4], y[0, :4]),
+                   RunOptions(rounds=1, seed=0, out_dir=str(tmp_path), progress=False))
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     # measured: 0.63 aligned; with alignment off -0.03
     assert rec["grad_cosine"] is not None and rec["grad_cosine"] > 0.5, rec["grad_cosine"]
