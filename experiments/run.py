@@ -23,14 +23,13 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fslsage_jax import experiment as ex  # noqa: E402
+from fslsage_jax.experiment import StopFlag  # noqa: E402
 from fslsage_jax.results import format_table  # noqa: E402
 
 
@@ -187,38 +186,6 @@ def fail(msg) -> None:
     """Exit 2 with one line on stderr."""
     err(f"error: {' '.join(str(msg).split())}")
     raise SystemExit(2)
-
-
-class StopFlag:
-    """Set by SIGINT / SIGTERM: the run stops after the current round with a checkpoint; a second
-    signal kills the process at once. ``restore()`` puts the previous handlers back."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signum = signum
-        err(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
-            f"(send it again to stop at once)")
-
-    def install(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
 
 
 def exit_code(summaries: list[dict], stop: StopFlag) -> int:

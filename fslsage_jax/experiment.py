@@ -21,16 +21,17 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from fslsage_jax.algorithms import ALGORITHMS
+from fslsage_jax.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from fslsage_jax.algorithms.config import (ALIGN_TARGET_SCALES, FEDAVG_SERVERS, OPTIMIZERS, STEP_LOOPS,
                                            STRATEGIES, Config)
 from fslsage_jax.algorithms.lifting import auto_strategy
-from fslsage_jax.algorithms import DEFAULT_ALGORITHM
 from fslsage_jax.algorithms.definition import COMMON_FIELDS
 from fslsage_jax.results import format_table
 
@@ -667,6 +668,40 @@ def start_distributed(cfg: ExperimentConfig) -> None:
         init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id, cfg.distributed_timeout)
     except (ValueError, TimeoutError) as e:
         raise ConfigError(str(e)) from None
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM: pass it as ``run(..., stop_requested=StopFlag().install())`` and
+    the run stops after the current round with a checkpoint; a second signal kills the process
+    at once. ``restore()`` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def install(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
 
 
 def run(exp: Experiment, *, stop_requested: Callable[[], bool] | None = None,
