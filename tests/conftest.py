@@ -60,3 +60,34 @@ def toy_config(**kw):
     base = {"num_clients": 3, "batch_size": 2, "server_update_interval": 2, "align_interval": 2,
             "align_epochs": 2, "align_batch_size": 4, "align_buffer_size": 6}
     return Config(**{**base, **kw})
+
+
+# Runs the CLI's main() with the rename that publishes checkpoint round N (argv[1]) replaced by
+# SIGKILL: the process dies in the middle of that save, after orbax wrote the state. Format with
+# ``experiments=`` the experiments folder, write to a file, run it with N and the CLI's flags.
+KILL_IN_SAVE = """
+import os, signal, sys
+doomed = ".tmp-round_%06d" % int(sys.argv[1])
+replace = os.replace
+
+def replace_or_die(src, dst, *a, **k):
+    if os.path.basename(os.fspath(src)) == doomed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *a, **k)
+
+os.replace = replace_or_die
+sys.path.insert(0, {experiments!r})
+import run
+sys.exit(run.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of CLI subprocesses: this tree first, a compilation cache shared by the runs."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cache = tmp_path_factory.mktemp("xla-cache")
+    return {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

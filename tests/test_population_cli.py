@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from fslsage_jax import checkpoint
+from conftest import KILL_IN_SAVE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "experiments", "run.py")
@@ -19,32 +20,6 @@ POP = ["--algo", "fsl_sage", "--dataset", "synthetic", "--synthetic-shape", "8x8
        "--align-epochs", "2", "--align-batch-size", "8", "--align-buffer-size", "8", "--no-progress"]
 TIMES = ("round_time_s", "eval_time_s")
 DROP = ("wall_time_s", "first_round_time_s", "mean_round_time_s")
-
-# the CLI with the rename that publishes checkpoint round N (argv[1]) replaced by SIGKILL
-KILL_IN_SAVE = """
-import os, signal, sys
-doomed = ".tmp-round_%06d" % int(sys.argv[1])
-replace = os.replace
-
-def replace_or_die(src, dst, *a, **k):
-    if os.path.basename(os.fspath(src)) == doomed:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return replace(src, dst, *a, **k)
-
-os.replace = replace_or_die
-sys.path.insert(0, {experiments!r})
-import run
-sys.exit(run.main(sys.argv[2:]))
-"""
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xla-cache")
-    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
 
 def _run(args, env, script=RUN):
     p = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True,

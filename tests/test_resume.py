@@ -21,7 +21,7 @@ import pytest
 from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.simulate import RunOptions, Task, read_metrics, run_simulation, tree_all_finite
-from conftest import toy_client_data, toy_config
+from conftest import KILL_IN_SAVE, toy_client_data, toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMES = ("round_time_s", "eval_time_s")
@@ -180,34 +180,6 @@ def test_same_result_across_strategies(toy, tmp_path, tmp_path_factory):
 CLI = ["--num-clients", "4", "--batch-size", "128", "--rounds", "4", "--checkpoint-every", "2",
        "--no-progress"]
 SAGE = ["--align-epochs", "1", "--align-interval", "2", "--align-batch-size", "100", "--align-buffer-size", "100"]
-
-# Runs the CLI's main() with the rename that publishes checkpoint round N (argv[1]) replaced by
-# SIGKILL: the process dies in the middle of that save, after orbax wrote the state.
-KILL_IN_SAVE = """
-import os, signal, sys
-doomed = ".tmp-round_%06d" % int(sys.argv[1])
-replace = os.replace
-
-def replace_or_die(src, dst, *a, **k):
-    if os.path.basename(os.fspath(src)) == doomed:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return replace(src, dst, *a, **k)
-
-os.replace = replace_or_die
-sys.path.insert(0, {experiments!r})
-import run
-sys.exit(run.main(sys.argv[2:]))
-"""
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment: this tree first, a persistent XLA cache shared by the runs."""
-    cache = tmp_path_factory.mktemp("xla-cache")
-    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
 
 def _start(args, env, script=None):
     script = script or os.path.join(ROOT, "experiments", "run.py")
