@@ -73,7 +73,7 @@ def plan(algo_name: str, split: SplitModel, cfg: Config, n_max: int, n_test: int
     resident = {"state": tree_bytes(state), "client_data": tree_bytes(data),
                 "eval_data": tree_bytes((test_x, test_y))}
     resident_total = sum(resident.values())
-    programs = {name: _stats(low.compile()) for name, low in algo.run_round.lower(state, data).items()}
+    programs = {name: _stats(low.compile()) for name, low in algo.run_round.lower_all(state, data).items()}
     cv, sv = jax.eval_shape(algo.global_model, state)
     evaluate = make_evaluate(split, cfg.eval_batch_size)
     programs["evaluate"] = _stats(evaluate.lower(cv, sv, test_x, test_y).compile())

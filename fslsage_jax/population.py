@@ -9,14 +9,14 @@ when the cohort changes) and every round
    round index, so a resumed run draws the same cohorts; optionally weighted by
    shard size), in increasing id order (the shared server consumes uploads in
    client order);
-2. gathers their persistent state (``AlgorithmDef.persistent_fields``: client
-   optimizer state; FSL-SAGE's auxiliary model, its optimizer state and alignment
-   buffer; CSE-FSL's auxiliary optimizer state; SplitFed-MS's server-copy optimizer
-   states) from a :class:`ClientStore` and their padded shards from the population
-   data, and runs the round on them. Global client-axis fields (the client models,
-   and whatever else the round's aggregation averages) are identical for every
-   client after a round, so the K rows the previous round left on the device are
-   the global copy and stay there;
+2. gathers their persistent state (``state.clients.own`` of
+   :class:`~fslsage_jax.algorithms.base.State`: client optimizer state; FSL-SAGE's
+   auxiliary model, its optimizer state and alignment buffer; CSE-FSL's auxiliary
+   optimizer state; SplitFed-MS's server-copy optimizer states) from a
+   :class:`ClientStore` and their padded shards from the population data, and runs
+   the round on them. ``state.clients.shared`` (what the round's aggregation
+   averages) is identical for every client after a round, so the K rows the
+   previous round left on the device are the global copy and stay there;
 3. writes the cohort's persistent state back to the store.
 
 Aggregation weights are n_i / sum over the cohort (the round's ``end`` uses the
@@ -31,7 +31,9 @@ A client never drawn holds the initial state and costs no memory: the store
 allocates rows only for clients that have taken part.
 
 With full participation (K = N, the default) none of this runs: the state stays
-on the device as before.
+on the device (:class:`AllClients`). The simulation loop drives both through the
+same interface: ``start(state)``, ``inputs(state, t) -> (state, data)``,
+``write_back(state)``, ``save(dir)``, ``load(dir)``, ``summary()``.
 """
 from __future__ import annotations
 
@@ -45,28 +47,6 @@ from fslsage_jax.algorithms.engine import ClientArrays
 
 STORE_FILE = "population.npz"
 _TAG = 0x636F686F          # "coho": keeps cohort draws apart from other uses of the seed
-
-
-def persistent_fields(defn, cfg) -> tuple[str, ...]:
-    """The algorithm's per-client fields kept across rounds under ``cfg``.
-
-    Raises:
-      ValueError: the algorithm does not declare them (cohort sampling is then refused).
-    """
-    fields = defn.persistent(cfg)
-    if fields is None:
-        raise ValueError(f"{defn.name} does not declare its persistent per-client fields; "
-                         f"cohort sampling needs AlgorithmDef.persistent_fields")
-    bad = set(fields) - set(defn.fields(cfg))
-    if bad:
-        raise ValueError(f"{defn.name}: persistent fields {sorted(bad)} are not client fields")
-    return tuple(fields)
-
-
-def global_fields(defn, cfg) -> tuple[str, ...]:
-    """Client-axis fields that the round's aggregation makes identical for every client."""
-    keep = set(persistent_fields(defn, cfg))
-    return tuple(f for f in defn.fields(cfg) if f not in keep)
 
 
 def check_cohort(cohort_size: int, population: int) -> None:
@@ -215,12 +195,47 @@ def host_int(x: jax.Array) -> int:
     return int(np.asarray(x.addressable_data(0)) if jax.process_count() > 1 else jax.device_get(x))
 
 
-class Population:
-    """The host side of a cohort run (see the module docstring).
+class AllClients:
+    """Full participation: every client takes part in every round, the whole state and
+    the clients' data stay on the device.
 
     Args:
-      defn: the :class:`~fslsage_jax.algorithms.definition.AlgorithmDef`.
-      cfg: the algorithm's :class:`~fslsage_jax.algorithms.config.Config`.
+      data: padded client data (``x [N, n_max, ...]``, ``y``, ``counts [N]``).
+      place_data: put ``ClientArrays`` on the devices (default ``jax.device_put``).
+    """
+
+    def __init__(self, data: Any, place_data: Callable | None = None):
+        self.population = int(np.shape(data.counts)[0])
+        self.k = self.population
+        arrays = ClientArrays(np.asarray(data.x), np.asarray(data.y), np.asarray(data.counts, np.int32))
+        self.data = (place_data or jax.device_put)(arrays)
+
+    def start(self, state: Any) -> None:
+        """Nothing to keep off the device."""
+
+    def inputs(self, state: Any, t: int) -> tuple[Any, ClientArrays]:
+        """Round ``t``'s state and data: the state as it is, all clients' data."""
+        return state, self.data
+
+    def write_back(self, state: Any) -> None:
+        """Nothing to write back: the state stays on the device."""
+
+    def save(self, directory: str) -> None:
+        """Nothing beyond the state to save."""
+
+    def load(self, directory: str) -> None:
+        """Nothing beyond the state to load."""
+
+    def summary(self) -> dict:
+        """No entries for the summary."""
+        return {}
+
+
+class Cohort:
+    """K of N clients per round, their ``clients.own`` kept on the host between rounds
+    (see the module docstring).
+
+    Args:
       data: the population's padded client data (numpy ``x [N, n_max, ...]``, ``y``,
         ``counts [N]``).
       cohort_size: K.
@@ -230,9 +245,8 @@ class Population:
         (default ``jax.device_put``; sharded runs pass their mesh layout).
     """
 
-    def __init__(self, defn, cfg, data: Any, cohort_size: int, seed: int, weighted: bool = False,
+    def __init__(self, data: Any, cohort_size: int, seed: int, weighted: bool = False,
                  place_state: Callable | None = None, place_data: Callable | None = None):
-        self.fields = persistent_fields(defn, cfg)
         self.x, self.y = np.asarray(data.x), np.asarray(data.y)
         self.counts = np.asarray(data.counts, np.int32)
         self.population = int(self.counts.shape[0])
@@ -248,42 +262,25 @@ class Population:
         return sample_cohort(self.seed, t, self.population, self.k,
                              self.counts if self.weighted else None)
 
-    def attach(self, state: Any) -> None:
-        """Start the store from a freshly initialised K-client state (its row 0 is every
-        client's initial persistent state)."""
-        rows = fetch({f: getattr(state, f) for f in self.fields})
+    def start(self, state: Any) -> None:
+        """Start the store from a freshly initialised K-client state (its row 0 of
+        ``clients.own`` is every client's initial persistent state)."""
+        rows = fetch(state.clients.own)
         self.store = ClientStore(jax.tree_util.tree_map(lambda x: np.asarray(x)[0], rows),
                                  self.population)
 
-    def cohort_data(self, ids: np.ndarray) -> ClientArrays:
-        """The cohort's padded shards on the devices."""
-        return self.place_data(ClientArrays(self.x[ids], self.y[ids], self.counts[ids]))
-
-    def run_round(self, run_round: Callable, state: Any, key: jax.Array, t: int) -> tuple[Any, dict]:
-        """One round of the cohort drawn for round ``t``: gather, run, write back.
-
-        Args:
-          run_round: the K-client ``Algorithm.run_round``.
-          state: the K-client state (global fields valid, persistent rows stale).
-          key: the round key.
-          t: the round index.
-        Returns:
-          ``(state, metrics)`` as ``run_round`` returns them.
-        """
+    def inputs(self, state: Any, t: int) -> tuple[Any, ClientArrays]:
+        """Round ``t``'s cohort: ``state`` with the cohort's own rows gathered from the
+        store, and the cohort's padded shards, on the devices."""
         ids = self.cohort(t)
-        rows = self.store.gather(ids)
-        state = self.place_state(state._replace(**rows))
-        state, acc = run_round(state, self.cohort_data(ids), key)
-        self.store.scatter(ids, fetch({f: getattr(state, f) for f in self.fields}))
         self.last_cohort = ids
-        return state, acc
+        state = state._replace(clients=state.clients._replace(own=self.store.gather(ids)))
+        data = ClientArrays(self.x[ids], self.y[ids], self.counts[ids])
+        return self.place_state(state), self.place_data(data)
 
-    def wrap(self, run_round: Callable) -> Callable:
-        """``run_round(state, data, key)`` for the simulation loop: ``data`` is ignored (the
-        cohort's comes from the population) and the round index is read from ``state.round``."""
-        def run(state, data, key):
-            return self.run_round(run_round, state, key, host_int(state.round))
-        return run
+    def write_back(self, state: Any) -> None:
+        """Store the cohort's ``clients.own`` rows after its round."""
+        self.store.scatter(self.last_cohort, fetch(state.clients.own))
 
     def save(self, directory: str) -> None:
         """Write the store into ``directory`` (a checkpoint being written)."""
@@ -296,13 +293,15 @@ class Population:
             raise ValueError(f"{directory}: no {STORE_FILE} (not a checkpoint of a cohort run)")
         self.store.load(path)
 
+    def summary(self) -> dict:
+        """Cohort size, draw, clients that took part and the store's bytes."""
+        return {"cohort_size": self.k, "cohort_weighted": self.weighted,
+                "clients_taken_part": self.store.num_stored,
+                "population_store_bytes": self.store.nbytes}
 
-def bytes_per_client(defn, cfg, state: Any) -> dict:
-    """Bytes one client keeps per persistent field, from a state with a client axis
-    (shapes only: works on ``jax.eval_shape`` output)."""
-    out = {}
-    for f in persistent_fields(defn, cfg):
-        leaves = jax.tree_util.tree_leaves(getattr(state, f))
-        out[f] = int(sum(np.prod(x.shape[1:], dtype=np.int64) * np.dtype(x.dtype).itemsize
-                         for x in leaves))
-    return out
+
+def bytes_per_client(state: Any) -> int:
+    """Bytes one client keeps across rounds (``clients.own``), from a state with a client
+    axis (shapes only: works on ``jax.eval_shape`` output)."""
+    return int(sum(np.prod(x.shape[1:], dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(state.clients.own)))

@@ -1,18 +1,28 @@
 """The host loop of a simulation: rounds, evaluation, the communication ledger,
-the budget stop, metrics files and progress.
+callbacks, the budget stop, metrics files and checkpoints.
 
-``run_simulation(algo_name, task, options)`` drives any algorithm from
-:data:`fslsage_jax.algorithms.ALGORITHMS` on a built :class:`Task` (split model,
-config, client data, test set) and writes, into ``options.out_dir``: ``config.json`` (written by the caller),
-``metrics.jsonl`` (one JSON object per round, flushed and synced when the round
-ends), ``summary.json`` (at the end, written atomically) and checkpoints
+``run(algorithm, task, options, callbacks)`` drives any :class:`AlgorithmDef` on a
+built :class:`Task` (split model, config, client data, test set) and returns a
+:class:`Result` (final state, global model, summary). ``run_simulation(algo_name,
+task, options)`` is the same by name, returning the summary. Into
+``options.out_dir`` go ``metrics.jsonl`` (one JSON object per round, flushed and
+synced), ``summary.json`` (at the end, atomically) and checkpoints
 (:mod:`fslsage_jax.checkpoint`) every ``checkpoint_every`` rounds and whenever
 the run stops, except on divergence.
+
+Who takes part is one interface (:class:`~fslsage_jax.population.AllClients` or
+:class:`~fslsage_jax.population.Cohort`); the loop calls it the same way either way.
 
 Stop reasons: ``rounds`` (R rounds done), ``comm_budget``, ``diverged`` (a
 non-finite training loss, test loss or state leaf; the diverged round's record
 is written with its non-finite numbers as ``null`` and is never checkpointed),
-``interrupted`` (``stop_requested()`` became true; checked after each round).
+``interrupted`` (``stop_requested()`` became true), ``callback`` (a callback
+returned True).
+
+Host syncs: a round's metrics stay on the device until something needs them (an
+evaluation, a callback, the budget, a checkpoint, a stop request or the end);
+with ``eval_every > 1`` and no callbacks or budget, rounds run back to back and
+their records are written at the next evaluation (divergence is detected there).
 
 Resuming (``resume=True``) restores the newest checkpoint of ``out_dir``,
 truncates ``metrics.jsonl`` to its rounds and continues; round keys are
@@ -23,10 +33,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -36,20 +45,17 @@ import numpy as np
 from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.config import Config
-from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate, resolve_config
+from fslsage_jax.algorithms.definition import AlgorithmDef
+from fslsage_jax.algorithms.engine import make_evaluate, resolve_config
 from fslsage_jax.comm import KINDS, Ledger, round_bytes, sizes_of
-from fslsage_jax.results import gib_to_target, read_metrics
-from fslsage_jax.split import SplitModel, describe
+from fslsage_jax.population import AllClients, Cohort, fetch
+from fslsage_jax.records import (json_safe, round_record, summarize_run, truncate_metrics,
+                                 write_json_atomic)
+from fslsage_jax.results import read_metrics
+from fslsage_jax.split import SplitModel
 
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+__all__ = ["Result", "RoundEvent", "RunOptions", "Task", "build", "read_metrics", "run", "run_simulation",
+           "tree_all_finite", "write_json_atomic"]
 
 
 @jax.jit
@@ -60,37 +66,24 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
 
 
-def _build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
-    return (ALGORITHMS[algo_name](split, cfg, n_max),
+def _build(defn: AlgorithmDef, split: SplitModel, cfg: Config, n_max: int, state_sharding):
+    return (defn(split, cfg, n_max, state_sharding),
             make_evaluate(split, resolve_config(cfg, split).eval_batch_size))
 
 
 _build_cached = functools.lru_cache(maxsize=8)(_build)
 
 
-def build(algo_name: str, split: SplitModel, cfg: Config, n_max: int):
+def build(algorithm: str | AlgorithmDef, split: SplitModel, cfg: Config, n_max: int,
+          state_sharding: Any = None):
     """``(Algorithm, evaluate)`` for one setting, built once per process (when the split
     model is hashable) so that repeated runs (a resume, a sweep, tests) reuse the compiled
     functions instead of compiling them again."""
+    defn = ALGORITHMS[algorithm] if isinstance(algorithm, str) else algorithm
     try:
-        return _build_cached(algo_name, split, cfg, n_max)
+        return _build_cached(defn, split, cfg, n_max, state_sharding)
     except TypeError:           # an unhashable split model: build afresh
-        return _build(algo_name, split, cfg, n_max)
-
-
-def truncate_metrics(path: str, records: list[dict]) -> None:
-    """Rewrite ``metrics.jsonl`` atomically with exactly ``records`` (drops redone rounds)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_safe(rec: dict) -> dict:
-    """Non-finite floats as None (strict JSON)."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+        return _build(defn, split, cfg, n_max, state_sharding)
 
 
 class Task(NamedTuple):
@@ -99,7 +92,7 @@ class Task(NamedTuple):
     Attributes:
       split, cfg: the split model and the algorithms' configuration.
       clients: padded client data with ``x [m, n_max, ...]``, ``y``, ``counts [m]`` (numpy
-        or :class:`ClientArrays`).
+        or :class:`~fslsage_jax.algorithms.engine.ClientArrays`).
       test_x, test_y: the whole evaluation set.
       frozen: frozen shared weights ``(client, server, aux)`` to use instead of the
         initial ones (e.g. pretrained GPT-2 weights); never checkpointed.
@@ -138,9 +131,11 @@ class RunOptions:
         0 / None / "auto": all, of every process); see :mod:`fslsage_jax.sharding`.
       cohort_size: K clients drawn per round out of the population of
         ``task.clients`` (None or N: all take part, the state stays on the device); the
-        round is compiled for K clients and persistent per-client state lives on the
-        host, see :mod:`fslsage_jax.population`.
+        round is compiled for K clients and ``clients.own`` lives on the host, see
+        :mod:`fslsage_jax.population`.
       cohort_weighted: draw the cohort with probability proportional to shard size.
+      eval_every: evaluate the global model every this many rounds and after the last
+        (0: only after the last).
 
     Across processes (``jax.distributed``) every process runs the same loop; only
     process 0 writes ``metrics.jsonl``, ``summary.json`` and checkpoints.
@@ -159,47 +154,36 @@ class RunOptions:
     devices: int | str | None = 1
     cohort_size: int | None = None
     cohort_weighted: bool = False
+    eval_every: int = 1
 
 
-class _Progress(NamedTuple):
-    """Where a run starts: its state, ledger, records so far and the wall time before."""
+class RoundEvent(NamedTuple):
+    """What a callback sees after a round.
+
+    Attributes:
+      round: the round index t (0-based).
+      metrics: the round's record (the line of ``metrics.jsonl``; ``test_accuracy`` is
+        None in a round that was not evaluated).
+      state: the newest state (device arrays: reading them syncs, nothing else does).
+      algorithm: the built ``Algorithm`` (``algorithm.global_model(state)`` gives the
+        global (client, server) variables).
+    """
+    round: int
+    metrics: dict
     state: Any
-    ledger: Ledger
+    algorithm: Any
+
+
+class Result(NamedTuple):
+    """What a run returns: the final ``state``, the global model's ``client`` and
+    ``server`` variables (frozen weights attached), the ``summary`` dict (as in
+    ``summary.json``), the per-round ``records`` and the built ``algorithm``."""
+    state: Any
+    client: Any
+    server: Any
+    summary: dict
     records: list
-    first: int
-    wall_before: float
-
-
-def _start(algo_name: str, algo, task: Task, opts: RunOptions, metrics_path: str | None,
-           pop=None) -> _Progress:
-    """The initial state, or the newest checkpoint's when resuming (``metrics.jsonl``
-    truncated to its rounds; a cohort run's population store restored into ``pop``)."""
-    key = jax.random.key(opts.seed)
-    state = jax.jit(algo.init)(jax.random.fold_in(key, 0))
-    if task.frozen is not None:
-        state = state._replace(frozen=task.frozen)
-    if pop is not None:
-        pop.attach(state)
-    progress = _Progress(state, Ledger.empty(), [], 0, 0.0)
-    if opts.resume:
-        if not opts.out_dir:
-            raise ValueError("resume needs out_dir")
-        ckpt = checkpoint.latest(opts.out_dir)
-        if ckpt is not None:
-            state = checkpoint.restore(ckpt, state)
-            if pop is not None:
-                pop.load(ckpt.path)
-            if int(jax.device_get(state.round)) != ckpt.rounds:
-                raise ValueError(f"checkpoint {ckpt.path}: state round {int(state.round)} != {ckpt.rounds}")
-            progress = _Progress(state, Ledger({k: int(ckpt.meta["ledger"].get(k, 0)) for k in KINDS}),
-                                 read_metrics(metrics_path, ckpt.rounds) if ckpt.rounds else [],
-                                 ckpt.rounds, float(ckpt.meta.get("wall_time_s", 0.0)))
-        if opts.log:
-            opts.log(f"{algo_name}: resuming after round {progress.first} from "
-                     f"{ckpt.path if ckpt else 'the start (no checkpoint yet)'}")
-    if metrics_path and _writer():
-        truncate_metrics(metrics_path, progress.records)
-    return progress
+    algorithm: Any
 
 
 def _writer() -> bool:
@@ -207,146 +191,180 @@ def _writer() -> bool:
     return jax.process_index() == 0
 
 
-def _record(t: int, defn, split: SplitModel, acc: dict, ledger: Ledger, test_loss: float,
-            test_acc: float, round_time: float, eval_time: float) -> dict:
-    """One line of ``metrics.jsonl``."""
-    rec = {"round": t, "test_accuracy": test_acc, "test_loss": test_loss,
-           "train_loss": float(acc["loss_sum"] / max(acc["loss_n"], 1.0)),
-           "comm_bytes": ledger.total, "comm_gib": ledger.total_gib,
-           "comm": dict(ledger.counts), "round_time_s": round_time, "eval_time_s": eval_time}
-    if split.eval_weight is not None:     # token-weighted loss: log perplexity
-        rec["perplexity"] = math.exp(min(test_loss, 700.0))
-    rec.update(defn.round_metrics(acc))
-    return rec
+def _participation(task: Task, opts: RunOptions, mesh):
+    """:class:`AllClients` or :class:`Cohort` for this run, placed on ``mesh`` (or not)."""
+    place_data = place_state = None
+    if mesh is not None:
+        from fslsage_jax import sharding
+        place_data = lambda d: jax.device_put(d, sharding.data_shardings(d, mesh))
+        place_state = lambda s: jax.device_put(s, sharding.state_sharding(mesh))
+    population = int(np.shape(task.clients.counts)[0])
+    if opts.cohort_size in (None, population):
+        if mesh is not None:
+            from fslsage_jax.sharding import check_divisible
+            check_divisible(population, mesh)
+        return AllClients(task.clients, place_data)
+    return Cohort(task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted, place_state, place_data)
 
 
-def _summary(algo_name: str, task: Task, opts: RunOptions, records: list, ledger: Ledger,
-             stop_reason: str, diverged_round: int | None, wall_time: float) -> dict:
-    d = describe(task.split)
-    accs = [r["test_accuracy"] for r in records]
-    best = int(np.argmax(accs)) if accs else None
-    summary = {
-        "algo": algo_name,
-        "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": accs[best] if accs else None,
-        "best_round": best,
-        "final_test_loss": records[-1]["test_loss"] if records else None,
-        "total_bytes": ledger.total, "total_gib": ledger.total_gib,
-        "comm": dict(ledger.counts),
-        "target_accuracy": opts.target_accuracy,
-        "gib_to_target": gib_to_target(records, opts.target_accuracy),
-        "rounds_run": len(records),
-        "stop_reason": stop_reason,
-        "diverged_round": diverged_round,
-        "first_round_time_s": records[0]["round_time_s"] if records else None,
-        "mean_round_time_s": (float(np.mean([r["round_time_s"] for r in records[1:]]))
-                              if len(records) > 1 else None),
-        "wall_time_s": wall_time,
-        "param_counts": d["param_counts"], "state_counts": d["state_counts"],
-        "model_bytes": d["model_bytes"], "cut_shape": d["cut_shape"],
-        "client_sample_counts": [int(c) for c in np.asarray(task.clients.counts)],
-    }
-    if task.split.eval_weight is not None and records:
-        summary["final_perplexity"] = records[-1].get("perplexity")
-    return summary
+def _check_clients(cfg: Config, part) -> None:
+    if cfg.num_clients != part.population:
+        raise ValueError(f"Config.num_clients={cfg.num_clients} but the client data holds "
+                         f"{part.population} clients (leading axis of x, y and counts); make them agree")
 
 
-def run_simulation(algo_name: str, task: Task, opts: RunOptions = RunOptions()) -> dict:
-    """Train ``algo_name`` on ``task`` for up to ``opts.rounds`` rounds or until the budget
-    is spent, writing metrics, checkpoints and the summary into ``opts.out_dir``.
+def _start(algo, task: Task, opts: RunOptions, part, metrics_path: str | None, mesh):
+    """``(state, ledger, records, first round, wall time before)``: the initial state, or
+    the newest checkpoint's when resuming (``metrics.jsonl`` truncated to its rounds; a
+    cohort's store restored)."""
+    state = jax.jit(algo.init)(jax.random.fold_in(jax.random.key(opts.seed), 0))
+    if task.frozen is not None:
+        state = state._replace(frozen=task.frozen)
+    if mesh is not None:
+        from fslsage_jax.sharding import shard_state
+        state = shard_state(state, mesh)
+    part.start(state)
+    out = (state, Ledger.empty(), [], 0, 0.0)
+    if opts.resume:
+        if not opts.out_dir:
+            raise ValueError("resume needs out_dir")
+        ckpt = checkpoint.latest(opts.out_dir)
+        if ckpt is not None:
+            state = checkpoint.restore(ckpt, state)
+            part.load(ckpt.path)
+            if int(jax.device_get(state.round)) != ckpt.rounds:
+                raise ValueError(f"checkpoint {ckpt.path}: state round {int(state.round)} != {ckpt.rounds}")
+            out = (state, Ledger({k: int(ckpt.meta["ledger"].get(k, 0)) for k in KINDS}),
+                   read_metrics(metrics_path, ckpt.rounds) if ckpt.rounds else [],
+                   ckpt.rounds, float(ckpt.meta.get("wall_time_s", 0.0)))
+        if opts.log:
+            opts.log(f"{algo.name}: resuming after round {out[3]} from "
+                     f"{ckpt.path if ckpt else 'the start (no checkpoint yet)'}")
+    if metrics_path and _writer():
+        truncate_metrics(metrics_path, out[2])
+    return out
+
+
+def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions(),
+        callbacks: Sequence[Callable[[RoundEvent], bool | None]] = ()) -> Result:
+    """Train ``algorithm`` on ``task`` for up to ``opts.rounds`` rounds or until the budget
+    is spent (or a callback returns True), writing metrics, checkpoints and the summary
+    into ``opts.out_dir``.
 
     Args:
-      algo_name: a key of ``ALGORITHMS``.
+      algorithm: a key of ``ALGORITHMS`` or an :class:`AlgorithmDef` (e.g. your own).
       task: the built experiment (:class:`Task`).
-      opts: rounds, seed, budget, outputs, checkpoints, resume, devices (:class:`RunOptions`).
+      opts: rounds, seed, budget, outputs, checkpoints, resume, devices, cohort
+        (:class:`RunOptions`).
+      callbacks: called on the host after each round with a :class:`RoundEvent`, in
+        order; one that returns True stops the run (stop reason ``callback``).
     Returns:
-      the summary dict (also written to ``summary.json``).
+      a :class:`Result`.
+    Raises:
+      ValueError: ``task.cfg.num_clients`` disagrees with the client data.
     """
     t_start = time.time()
-    defn = ALGORITHMS[algo_name]
+    defn = ALGORITHMS[algorithm] if isinstance(algorithm, str) else algorithm
     split, cfg, out_dir = task.split, task.cfg, opts.out_dir
-    n_max = task.clients.x.shape[1]
-    population = int(np.shape(task.clients.counts)[0])
-    pop = None
-    if opts.cohort_size not in (None, population):
-        from fslsage_jax.population import Population
-        pop = Population(defn, cfg, task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted)
-        cfg = dataclasses.replace(cfg, num_clients=pop.k)
-    algo, evaluate = build(algo_name, split, cfg, n_max)
-    sizes, model_bytes = sizes_of(split), defn.model_bytes(sizes_of(split))
-    data = None if pop else ClientArrays(jnp.asarray(task.clients.x), jnp.asarray(task.clients.y),
-                                         jnp.asarray(task.clients.counts, jnp.int32))
+    mesh = None
+    if opts.devices != 1:
+        from fslsage_jax import sharding
+        mesh = sharding.client_mesh(opts.devices)
+    part = _participation(task, opts, mesh)
+    if isinstance(part, Cohort):
+        cfg = dataclasses.replace(cfg, num_clients=part.k)
+    else:
+        _check_clients(cfg, part)
+    state_sharding = None
+    if mesh is not None:
+        from fslsage_jax.sharding import state_sharding as spec
+        state_sharding = spec(mesh)
+    algo, evaluate = build(defn, split, cfg, int(np.shape(task.clients.x)[1]), state_sharding)
+    sizes = sizes_of(split)
+    model_bytes = defn.model_bytes(sizes)
     test_x, test_y = jnp.asarray(task.test_x), jnp.asarray(task.test_y)
     round_key = jax.random.fold_in(jax.random.key(opts.seed), 1)
     writer = _writer()
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
     if out_dir and writer:
         os.makedirs(out_dir, exist_ok=True)
-    state, ledger, records, first, wall_before = _start(algo_name, algo, task, opts, metrics_path, pop)
-    if opts.devices != 1:
-        from fslsage_jax import sharding
-        fields = defn.fields(cfg)
-        if pop is None:
-            state, data, algo = sharding.shard_all(fields, algo, state, data, opts.devices)
-        else:
-            mesh = sharding.client_mesh(opts.devices)
-            state = sharding.shard_state(state, fields, mesh)
-            pop.place_state = lambda s: jax.device_put(s, sharding.state_shardings(s, fields, mesh))
-            pop.place_data = lambda d: jax.device_put(d, sharding.data_shardings(d, mesh))
-            algo = algo._replace(run_round=sharding.sharded_round(algo.run_round, fields, mesh))
-    if pop is not None:
-        algo = algo._replace(run_round=pop.wrap(algo.run_round))
+    state, ledger, records, first, wall_before = _start(algo, task, opts, part, metrics_path, mesh)
     stop_reason, diverged_round, budget = "rounds", None, opts.comm_budget_bytes
 
     def save_checkpoint(done: int) -> None:
         if out_dir and opts.checkpoint_every:
             st = state
             if jax.process_count() > 1:      # every process takes part in the gather
-                from fslsage_jax.population import fetch
                 st = fetch(checkpoint.strip_frozen(state))
             if writer:
                 checkpoint.save(out_dir, st, done,
-                                {"algo": algo_name, "ledger": dict(ledger.counts),
+                                {"algo": defn.name, "ledger": dict(ledger.counts),
                                  "wall_time_s": wall_before + time.time() - t_start},
-                                keep=opts.keep_checkpoints, extra=pop.save if pop else None)
+                                keep=opts.keep_checkpoints, extra=part.save)
 
     metrics_file = open(metrics_path, "a") if metrics_path and writer else None  # noqa: SIM115
     bar = None
     if opts.progress and writer:
         from tqdm.auto import tqdm
-        bar = tqdm(total=opts.rounds, initial=min(first, opts.rounds), desc=algo_name, unit="round",
+        bar = tqdm(total=opts.rounds, initial=min(first, opts.rounds), desc=defn.name, unit="round",
                    leave=False)
+    pending, t_sync = [], time.time()
     try:
         if budget is not None and ledger.total >= budget:
             stop_reason = "comm_budget"
         for t in range(first, opts.rounds if stop_reason == "rounds" else first):
-            t0 = time.time()
+            state, data = part.inputs(state, t)
             state, acc = algo.run_round(state, data, jax.random.fold_in(round_key, t))
-            round_time = time.time() - t0
-            ledger = ledger.add(round_bytes(model_bytes, sizes, acc))
-            t1 = time.time()
-            test_loss, test_acc = evaluate(*algo.global_model(state), test_x, test_y)
-            rec = _record(t, defn, split, acc, ledger, test_loss, test_acc, round_time, time.time() - t1)
-            finite = (math.isfinite(rec["train_loss"]) and math.isfinite(test_loss)
-                      and bool(tree_all_finite(checkpoint.strip_frozen(state))))
-            rec = _json_safe(rec)
-            records.append(rec)
+            part.write_back(state)
+            pending.append((t, acc, tree_all_finite(checkpoint.strip_frozen(state))))
+            last = t + 1 == opts.rounds
+            evaluate_now = last or (opts.eval_every > 0 and (t + 1) % opts.eval_every == 0)
+            stop_asked = not last and opts.stop_requested is not None and opts.stop_requested()
+            due = last or (t + 1) % (opts.checkpoint_every or 1) == 0
+            if not (evaluate_now or callbacks or budget is not None or stop_asked
+                    or (due and out_dir and opts.checkpoint_every)):
+                continue
+            # one sync: the pending rounds' counters, finiteness flags and the evaluation
+            jax.block_until_ready([acc for _, acc, _ in pending])
+            t0 = time.time()
+            test = evaluate(*algo.global_model(state), test_x, test_y) if evaluate_now else None
+            eval_time = time.time() - t0 if evaluate_now else 0.0
+            fetched = jax.device_get([(acc, fin) for _, acc, fin in pending])
+            round_time = (t0 - t_sync) / len(pending)
+            stop = False
+            for (tp, _, _), (acc_h, fin) in zip(pending, fetched):
+                ledger = ledger.add(round_bytes(model_bytes, sizes, acc_h))
+                is_last = tp == t
+                rec = round_record(tp, defn.round_metrics, split, acc_h, ledger,
+                                   test if is_last else None, round_time, eval_time if is_last else 0.0)
+                finite = bool(fin) and np.isfinite(rec["train_loss"]) and (
+                    not is_last or test is None or np.isfinite(test[0]))
+                rec = json_safe(rec)
+                records.append(rec)
+                if metrics_file:
+                    metrics_file.write(json.dumps(rec) + "\n")
+                if not finite:
+                    stop_reason, diverged_round = "diverged", tp
+                    break
+                for cb in callbacks:
+                    stop = bool(cb(RoundEvent(tp, rec, state, algo))) or stop
             if metrics_file:
-                metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
                 os.fsync(metrics_file.fileno())
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(acc=f"{test_acc:.4f}", GiB=f"{ledger.total_gib:.4f}")
-            if not finite:
-                stop_reason, diverged_round = "diverged", t
+                bar.update(len(pending))
+                if test is not None:
+                    bar.set_postfix(acc=f"{test[1]:.4f}", GiB=f"{ledger.total_gib:.4f}")
+            pending, t_sync = [], time.time()
+            if stop_reason == "diverged":
                 break
             if budget is not None and ledger.total >= budget:
                 stop_reason = "comm_budget"
-            elif t + 1 < opts.rounds and opts.stop_requested is not None and opts.stop_requested():
+            elif stop:
+                stop_reason = "callback"
+            elif stop_asked:
                 stop_reason = "interrupted"
-            if (stop_reason != "rounds" or t + 1 == opts.rounds
-                    or (t + 1) % (opts.checkpoint_every or 1) == 0):
+            if stop_reason != "rounds" or due:
                 save_checkpoint(t + 1)
             if stop_reason != "rounds":
                 break
@@ -356,14 +374,18 @@ def run_simulation(algo_name: str, task: Task, opts: RunOptions = RunOptions()) 
         if metrics_file:
             metrics_file.close()
 
-    summary = _summary(algo_name, task, opts, records, ledger, stop_reason, diverged_round,
-                       wall_before + time.time() - t_start)
+    summary = summarize_run(defn.name, split, task.clients.counts, opts.target_accuracy, records, ledger,
+                            stop_reason, diverged_round, wall_before + time.time() - t_start)
     if task.on_finish is not None and stop_reason != "diverged":
         summary.update(task.on_finish(algo, state))
-    if pop is not None:
-        summary.update(cohort_size=pop.k, cohort_weighted=pop.weighted,
-                       clients_taken_part=pop.store.num_stored,
-                       population_store_bytes=pop.store.nbytes)
+    summary.update(part.summary())
     if out_dir and writer:
         write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
-    return summary
+    client, server = algo.global_model(state)
+    return Result(state, client, server, summary, records, algo)
+
+
+def run_simulation(algo_name: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions()) -> dict:
+    """:func:`run` without callbacks, returning only the summary dict (also written to
+    ``summary.json``)."""
+    return run(algo_name, task, opts).summary

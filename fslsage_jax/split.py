@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -63,7 +64,8 @@ class SplitModel:
 
     Attributes:
       name: model name (e.g. ``"cnn"``).
-      client, server, aux: flax modules; each is called as ``module(x, train=...)``.
+      client, server, aux: flax modules; each is called as ``module(x, train=...)`` when
+        its ``__call__`` takes ``train`` (BatchNorm, dropout), else as ``module(x)``.
       input_shape: shape of one input sample, e.g. ``(8, 8, 1)``.
       num_classes: number of output classes.
       loss: ``(logits, labels) -> [B]`` per-sample training loss.
@@ -95,9 +97,24 @@ class SplitModel:
     eval_weight: Callable | None = None
 
 
+@functools.lru_cache(maxsize=None)
+def takes_train(cls: type) -> bool:
+    """Whether modules of class ``cls`` take the ``train=`` keyword (or any keyword).
+    Parts that do not are plain flax modules, called without it (no training mode)."""
+    try:
+        params = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):
+        return True
+    return "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _mode(module: nn.Module, train: bool) -> dict:
+    return {"train": train} if takes_train(type(module)) else {}
+
+
 def init_part(module: nn.Module, key: jax.Array, x: jax.Array) -> Vars:
     """Initialise one part on an example batch ``x``; returns its :class:`Vars`."""
-    variables = dict(module.init({"params": key, "dropout": key}, x, train=False))
+    variables = dict(module.init({"params": key, "dropout": key}, x, **_mode(module, False)))
     params = variables.pop("params", {})
     frozen = variables.pop(FROZEN, None)
     return Vars(params, variables, frozen)
@@ -123,10 +140,10 @@ def apply_part(module: nn.Module, v: Vars, x: jax.Array, train: bool,
     rngs = {"dropout": rng} if rng is not None else {}
     kw = {} if mask is None else {"mask": mask}
     if train and v.state:
-        out, new_state = module.apply(variables, x, train=True, rngs=rngs,
-                                      mutable=list(v.state.keys()), **kw)
+        out, new_state = module.apply(variables, x, rngs=rngs, mutable=list(v.state.keys()),
+                                      **_mode(module, True), **kw)
         return out, dict(new_state)
-    return module.apply(variables, x, train=train, rngs=rngs, **kw), v.state
+    return module.apply(variables, x, rngs=rngs, **_mode(module, train), **kw), v.state
 
 
 def prepare_input(split: "SplitModel", x: jax.Array, rng: jax.Array | None, train: bool) -> jax.Array:

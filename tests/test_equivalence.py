@@ -188,10 +188,23 @@ def reference_round(algo, f, cfg, st, data, key, rnd):
     return st
 
 
-# reference key -> the library State's field (the one place that names them)
-FIELDS = {"c": "clients", "co": "client_opt", "s": "server", "so": "server_opt", "a": "aux",
-          "ao": "aux_opt", "buf": "buffer"}
-PER_CLIENT_SERVER = ("fed_avg", "sl_multi_server")
+# reference key -> where the library State holds it (the one place that names them)
+def _fields(algo, state):
+    """``{reference key: (value, has a client axis)}`` of the library state."""
+    shared, own = state.clients
+    if algo in ("fed_avg", "sl_multi_server"):              # per-client server copies
+        out = {"c": shared[0], "s": shared[1]}
+        return {**out, **({"co": own} if algo == "fed_avg" else {"co": own[0], "so": own[1]})}
+    server = {"s": state.server.vars, "so": state.server.opt}
+    if algo == "sl_single_server":
+        return {"c": shared, "co": own, **server}
+    if algo == "cse_fsl":
+        return {"c": shared[0], "a": shared[1], "co": own[0], "ao": own[1], **server}
+    return {"c": shared, "co": own.opt, "a": own.aux, "ao": own.aux_opt, "buf": own.buffer, **server}
+
+
+FIELDS = {"c": "client models", "co": "client optimizer states", "s": "server", "so": "server optimizer",
+          "a": "auxiliary models", "ao": "auxiliary optimizer states", "buf": "alignment buffers"}
 MODELS = ("c", "s", "a")
 
 
@@ -199,14 +212,11 @@ def _to_lists(algo, state):
     """The library state as the reference's per-client lists (models as their params;
     the toy model has no other variables)."""
     st = {}
-    for k, f in FIELDS.items():
-        v = getattr(state, f, None)
-        if v is None:
-            continue
+    for k, v in _fields(algo, state).items():
         if k in MODELS:
             assert not jax.tree_util.tree_leaves(v.state)
             v = v.params
-        shared = k in ("s", "so") and algo not in PER_CLIENT_SERVER
+        shared = k in ("s", "so") and algo not in ("fed_avg", "sl_multi_server")
         st[k] = v if shared else _unstack(v)
     return st
 

@@ -68,12 +68,12 @@ def test_fedavg_shared_server_equals_a_sequential_hand_reference():
         su, sopts[i] = tx.update(gs, sopts[i], server)
         server = optax.apply_updates(server, su)
     avg = jax.tree_util.tree_map(lambda p, q: 0.5 * (p + q), *clients)
-    for got, want in zip(_leaves(new.server.params), _leaves(server)):
+    for got, want in zip(_leaves(new.server.vars.params), _leaves(server)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    for got, want in zip(_leaves(jax.tree_util.tree_map(lambda v: v[1], new.clients.params)), _leaves(avg)):
+    for got, want in zip(_leaves(jax.tree_util.tree_map(lambda v: v[1], new.clients.shared.params)), _leaves(avg)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # each client keeps its own optimizer state for the server: client 1's saw a different server
-    mu = [np.asarray(jax.tree_util.tree_leaves(new.server_opt)[1][i]) for i in range(2)]
+    mu = [np.asarray(jax.tree_util.tree_leaves(new.clients.own[1])[1][i]) for i in range(2)]
     assert not np.allclose(mu[0], mu[1])
 
 
@@ -81,13 +81,13 @@ def test_fedavg_shared_server_changes_the_trajectory_and_keeps_the_bytes():
     cfg = toy_config()
     copies, acc_c = _rounds("fed_avg", cfg, 2)
     shared, acc_s = _rounds("fed_avg", dataclasses.replace(cfg, fedavg_server="shared"), 2)
-    assert not np.allclose(_leaves(copies.clients)[0][0], _leaves(shared.clients)[0][0])
+    assert not np.allclose(_leaves(copies.clients.shared)[0][0], _leaves(shared.clients.shared)[0][0])
     sizes = sizes_of(make_toy())
     mb = ALGORITHMS["fed_avg"].model_bytes(sizes)
     assert [round_bytes(mb, sizes, a) for a in acc_c] == [round_bytes(mb, sizes, a) for a in acc_s]
     assert round_bytes(mb, sizes, acc_s[0])["model_up"] == 3 * (sizes.client + sizes.server)
-    assert ALGORITHMS["fed_avg"].fields(cfg) != ALGORITHMS["fed_avg"].fields(
-        dataclasses.replace(cfg, fedavg_server="shared"))
+    # per-client server copies vs one shared server part
+    assert copies.server is None and shared.server is not None
 
 
 def test_cse_fsl_auxiliary_model_has_its_own_optimizer():
@@ -98,11 +98,11 @@ def test_cse_fsl_auxiliary_model_has_its_own_optimizer():
     frozen_client, _ = _rounds("cse_fsl", dataclasses.replace(cfg, lr=0.0, weight_decay=0.0), 1)
     same = lambda a, b: all(np.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(_leaves(a), _leaves(b)))
     # (identical clients averaged with weights n_i / n: equal up to rounding)
-    assert same(frozen_client.clients, init.clients)
-    assert not same(frozen_client.aux, init.aux)
+    assert same(frozen_client.clients.shared[0], init.clients.shared[0])
+    assert not same(frozen_client.clients.shared[1], init.clients.shared[1])
     frozen_aux, _ = _rounds("cse_fsl", dataclasses.replace(cfg, aux_lr=0.0), 1)
-    assert same(frozen_aux.aux, init.aux)
-    assert not same(frozen_aux.clients, init.clients)
+    assert same(frozen_aux.clients.shared[1], init.clients.shared[1])
+    assert not same(frozen_aux.clients.shared[0], init.clients.shared[0])
 
 
 def test_warm_start_round_is_cse_fsl_then_fsl_sage_aligns():
@@ -112,10 +112,13 @@ def test_warm_start_round_is_cse_fsl_then_fsl_sage_aligns():
     sage, acc_sage = _rounds("fsl_sage", warm, 2)
     sage1, _ = _rounds("fsl_sage", warm, 1)
     # round 0 is exactly CSE-FSL's round (same initial models and keys)
-    for f in ("clients", "aux", "server"):
-        for a, b in zip(_leaves(getattr(sage1, f)), _leaves(getattr(cse, f))):
+    parts = lambda sage, cse: ((sage.clients.shared, cse.clients.shared[0]),       # client models
+                               (sage.clients.own.aux, cse.clients.shared[1]),     # auxiliary models
+                               (sage.server.vars, cse.server.vars))               # the server
+    for sage_part, cse_part in parts(sage1, cse):
+        for a, b in zip(_leaves(sage_part), _leaves(cse_part)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert int(sage1.buffer.size.sum()) == 0                   # CSE-FSL never fills the buffer
+    assert int(sage1.clients.own.buffer.size.sum()) == 0                   # CSE-FSL never fills the buffer
     sizes = sizes_of(make_toy())
     mb = ALGORITHMS["fsl_sage"].model_bytes(sizes)
     r0, r1 = (round_bytes(mb, sizes, a) for a in acc_sage)

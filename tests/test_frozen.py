@@ -16,7 +16,7 @@ import pytest
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
-from fslsage_jax.split import SplitModel, describe, model_bytes, init_split
+from fslsage_jax.split import SplitModel, Vars, describe, init_split, model_bytes
 
 W_C = np.linspace(-1, 1, 4 * 6, dtype=np.float32).reshape(4, 6)
 W_S = np.linspace(1, -1, 6 * 3, dtype=np.float32).reshape(6, 3)
@@ -82,7 +82,9 @@ def test_frozen_equals_baked_constants(algo):
         a = ALGORITHMS[algo](split, CFG, d.x.shape[1])
         state = a.init(jax.random.key(1))
         if not baked:
-            assert state.frozen is not None and state.clients.frozen is None
+            client_vars = [v for v in jax.tree_util.tree_leaves(state.clients, is_leaf=lambda v: isinstance(v, Vars))
+                           if isinstance(v, Vars)]
+            assert state.frozen is not None and client_vars and all(v.frozen is None for v in client_vars)
             assert state.frozen[0]["w0"].shape == (4, 6)          # one copy, no client axis
             frozen0 = jax.tree_util.tree_map(np.array, state.frozen)
         for r in range(2):

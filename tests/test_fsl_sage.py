@@ -92,7 +92,7 @@ def test_auxiliary_models_are_never_averaged(rounds):
     # every client starts from the same auxiliary model and is aligned on its own uploads:
     # after the round the copies differ (averaging them at round end would make them equal)
     for _, _, state, _, _ in rounds[2]:
-        leaves = jax.tree_util.tree_leaves(state.aux.params)
+        leaves = jax.tree_util.tree_leaves(state.clients.own.aux.params)
         gap = max(float(np.max(np.abs(np.asarray(a[0]) - np.asarray(a[1])))) for a in leaves)
         assert gap > 1e-3, gap
 

@@ -12,7 +12,7 @@ import pytest
 from fslsage_jax import checkpoint, population
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.algorithms.engine import ClientArrays
-from fslsage_jax.population import ClientStore, Population, sample_cohort
+from fslsage_jax.population import ClientStore, Cohort, sample_cohort
 from fslsage_jax.simulate import RunOptions, Task, run_simulation
 from conftest import make_toy, toy_config
 
@@ -42,42 +42,40 @@ def _stack(rows):
 
 
 def _reference(algo_name, rounds, seed=3):
-    """Cohort rounds built by hand: dict client -> persistent state, run_round on the cohort."""
-    defn = ALGORITHMS[algo_name]
+    """Cohort rounds built by hand: dict client -> its ``clients.own`` rows, run_round on the cohort."""
     algo = _algo(algo_name, K)
     state = algo.init(jax.random.key(0))
-    fields = defn.persistent(toy_config())
-    init_rows = {f: _rows(getattr(state, f), 0) for f in fields}
+    init_rows = _rows(state.clients.own, 0)
     kept, data, mets = {}, _pop_data(), []
     for t in range(rounds):
         ids = sample_cohort(seed, t, N, K)
-        per = {f: _stack([kept.get(int(i), init_rows)[f] for i in ids]) for f in fields}
-        state = state._replace(**{f: jnp.asarray(v) if not isinstance(v, tuple) else v
-                                  for f, v in jax.tree_util.tree_map(jnp.asarray, per).items()})
+        own = jax.tree_util.tree_map(jnp.asarray, _stack([kept.get(int(i), init_rows) for i in ids]))
+        state = state._replace(clients=state.clients._replace(own=own))
         cohort = ClientArrays(*(jnp.asarray(np.asarray(a)[ids]) for a in data))
         state, acc = algo.run_round(state, cohort, jax.random.key(100 + t))
         for j, i in enumerate(ids):
-            kept[int(i)] = {f: _rows(getattr(state, f), j) for f in fields}
-        mets.append(acc)
+            kept[int(i)] = _rows(state.clients.own, j)
+        mets.append(jax.device_get(acc))
     return state, kept, mets
 
 
 @pytest.mark.parametrize("algo_name", sorted(ALGORITHMS))
 def test_cohort_rounds_equal_hand_built_reference(algo_name):
-    defn = ALGORITHMS[algo_name]
     ref_state, ref_kept, ref_mets = _reference(algo_name, 3)
     algo = _algo(algo_name, K)
     state = algo.init(jax.random.key(0))
-    pop = Population(defn, toy_config(num_clients=K), _pop_data(), K, seed=3)
-    pop.attach(state)
+    pop = Cohort(_pop_data(), K, seed=3)
+    pop.start(state)
     for t in range(3):
-        state, acc = pop.run_round(algo.run_round, state, jax.random.key(100 + t), t)
+        state, data = pop.inputs(state, t)
+        state, acc = algo.run_round(state, data, jax.random.key(100 + t))
+        pop.write_back(state)
+        acc = jax.device_get(acc)
         assert acc == ref_mets[t]
         assert acc["models"] == K
-        # global client-axis fields are identical for every client after the round
-        for f in population.global_fields(defn, toy_config()):
-            for leaf in jax.tree_util.tree_leaves(getattr(state, f)):
-                np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[0], leaf.shape))
+        # clients.shared is identical for every client after the round
+        for leaf in jax.tree_util.tree_leaves(state.clients.shared):
+            np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[0], leaf.shape))
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert sorted(ref_kept) == sorted(pop.store.stored_ids().tolist())
@@ -87,13 +85,17 @@ def test_cohort_rounds_equal_hand_built_reference(algo_name):
             np.testing.assert_array_equal(a[0], b)
 
 
-def test_persistent_fields_are_declared_client_fields():
+def test_every_client_keeps_its_optimizer_state_in_clients_own():
     for defn in ALGORITHMS.values():
         for cfg in (toy_config(), toy_config(fedavg_server="shared")):
-            assert set(population.persistent_fields(defn, cfg)) <= set(defn.fields(cfg))
-            assert "clients" in population.global_fields(defn, cfg)
-            assert "client_opt" in defn.persistent(cfg)
-    assert ALGORITHMS["fed_avg"].persistent(toy_config(fedavg_server="shared")) == ("client_opt", "server_opt")
+            st = jax.eval_shape(defn(TOY, cfg, N_MAX).init, jax.random.key(0))
+            counts = [l for p, l in jax.tree_util.tree_leaves_with_path(st.clients.own)
+                      if "count" in jax.tree_util.keystr(p)]
+            assert counts and all(c.shape == (cfg.num_clients,) for c in counts)   # Adam step counts
+            assert population.bytes_per_client(st) > 0
+    shared = jax.eval_shape(ALGORITHMS["fed_avg"](TOY, toy_config(fedavg_server="shared"), N_MAX).init,
+                            jax.random.key(0))
+    assert len(shared.clients.own) == 2 and shared.server.opt is None   # (client opt, server opt) per client
 
 
 def test_sample_cohort_is_seeded_distinct_sorted_and_weighted():

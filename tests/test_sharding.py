@@ -47,11 +47,12 @@ WORKER = textwrap.dedent("""
         cfg = Config(**base, strategy=strategy, chunk_size=2, step_loop=loop)
         res = []
         for devices in (1, 8):
-            algo = ALGORITHMS[algo_name](make_toy(), cfg, N)
+            mesh = sharding.client_mesh(devices) if devices > 1 else None
+            algo = ALGORITHMS[algo_name](make_toy(), cfg, N, mesh and sharding.state_sharding(mesh))
             data = ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts))
             state = algo.init(jax.random.key(0))
             if devices > 1:
-                state, data, algo = sharding.shard_all(ALGORITHMS[algo_name].fields(cfg), algo, state, data, devices)
+                state, data = sharding.shard_state(state, mesh), sharding.shard_data(data, mesh)
             mets, n_after_first = [], None
             for r in range(2):
                 state, m = algo.run_round(state, data, jax.random.key(10 + r))
@@ -59,18 +60,19 @@ WORKER = textwrap.dedent("""
                 if r == 0:
                     n_after_first = len(compiles)
             leaf = jax.tree_util.tree_leaves(state.clients)[0]
-            srv = jax.tree_util.tree_leaves(state.server)[0]
+            copies = state.server is None          # per-client server copies live in clients.shared
+            srv = jax.tree_util.tree_leaves(state.clients.shared[1] if copies else state.server)[0]
             res.append({"metrics": mets,
                         "leaves": [np.asarray(l).tolist() for l in jax.tree_util.tree_leaves(state)],
                         "recompiles": len(compiles) - n_after_first,
                         "client_devices": len(leaf.sharding.device_set),
                         "client_shard_rows": leaf.addressable_shards[0].data.shape[0],
+                        "server_copies": copies,
                         "server_replicated": bool(srv.sharding.is_fully_replicated)})
         out[algo_name] = res
     try:
         algo = ALGORITHMS["fed_avg"](make_toy(), Config(**{**base, "num_clients": 6}), N)
-        sharding.shard_state(algo.init(jax.random.key(0)), ALGORITHMS["fed_avg"].fields(Config()),
-                             sharding.client_mesh(4))
+        sharding.shard_state(algo.init(jax.random.key(0)), sharding.client_mesh(4))
         out["error"] = None
     except ValueError as e:
         out["error"] = str(e)
@@ -110,7 +112,7 @@ def test_layout_and_no_recompilation(sharded_results, algo):
     one, eight = sharded_results[algo]
     assert eight["client_devices"] == 8 and eight["client_shard_rows"] == 1
     assert one["client_devices"] == 1 and one["client_shard_rows"] == 8
-    if "server" in ALGORITHMS[algo].fields(Config()):
+    if eight["server_copies"]:
         assert not eight["server_replicated"]
     else:
         assert eight["server_replicated"]
@@ -130,6 +132,15 @@ def test_parse_and_resolve_devices():
     assert len(sharding.resolve_devices(1)) == 1
     with pytest.raises(ValueError, match="device"):
         sharding.resolve_devices(jax.device_count() + 1)
-    assert ALGORITHMS["sl_multi_server"].client_fields[-2:] == ("server", "server_opt")
-    assert "server" in ALGORITHMS["fed_avg"].fields(Config())
-    assert "server" not in ALGORITHMS["fsl_sage"].fields(Config())
+
+
+def test_server_copies_are_client_state_and_a_shared_server_is_not():
+    from conftest import make_toy
+    shape = lambda name: jax.eval_shape(ALGORITHMS[name](make_toy(), Config(num_clients=4), 6).init,
+                                        jax.random.key(0))
+    for name in ("sl_multi_server", "fed_avg"):        # server copies: in clients.shared, split over devices
+        st = shape(name)
+        assert st.server is None and jax.tree_util.tree_leaves(st.clients.shared[1])[0].shape[0] == 4
+    st = shape("fsl_sage")                              # one server: replicated
+    assert st.server is not None and all(l.shape[:1] != (4,) or l.ndim == 0
+                                         for l in jax.tree_util.tree_leaves(st.server.vars.params))

@@ -49,6 +49,9 @@ class Config:
         the backend, input shape and number of clients: ``lifting.auto_strategy``) or
         one of ``STRATEGIES``.
       chunk_size: clients per vmapped chunk for ``strategy="chunked"``.
+      params: values of hyperparameters an algorithm declares itself
+        (``AlgorithmDef.hyperparams``), as ``(name, value)`` pairs; e.g.
+        ``(("proximal_weight", 0.01),)``. Unset ones take the declared default.
       step_loop: ``"scan"`` compiles a whole round as one ``lax.scan`` over the
         local steps; ``"host"`` calls one compiled step per local step from
         Python (never a loop over clients).
@@ -76,6 +79,7 @@ class Config:
     strategy: str = "auto"
     chunk_size: int = 8
     step_loop: str = "host"
+    params: tuple = ()
 
 
 OPTIMIZERS = ("adam", "adamw")

@@ -6,92 +6,87 @@ own optimizer (``Config.aux_lr``, ``aux_weight_decay``; the authors' default
 Adam 1e-3 without decay). Every Q local steps the client uploads (z, y) and the
 shared server takes one step on L(server(z), y). Each round the client models
 AND the auxiliary models are averaged (both travel up and down).
+
+State: ``clients.shared`` = (client model, auxiliary model), ``clients.own`` =
+(client optimizer state, auxiliary optimizer state), ``server`` =
+:class:`~fslsage_jax.algorithms.base.Server`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from fslsage_jax.algorithms import steps
-from fslsage_jax.algorithms.config import Config, aux_optimizer_for, optimizer_for
+from fslsage_jax.algorithms.base import Context, Parts, Server, average_shared, frozen_of
+from fslsage_jax.algorithms.config import aux_optimizer_for
 from fslsage_jax.algorithms.definition import AlgorithmDef
-from fslsage_jax.algorithms.engine import (Algorithm, add_loss, average_into, count_messages, first,
-                                           frozen_parts, global_vars, init_parts, lifter,
-                                           make_run_round, make_serve, resolve_config, uploads)
-from fslsage_jax.algorithms.trees import broadcast, tree_where
-from fslsage_jax.split import SplitModel, Vars
+from fslsage_jax.algorithms.engine import add_loss, count_messages, uploads
+from fslsage_jax.algorithms.trees import tree_where
 
 NAME = "cse_fsl"
 
 
-class CseFslState(NamedTuple):
-    """``clients``, ``client_opt``, ``aux``, ``aux_opt`` carry a leading client axis;
-    the server is shared."""
-    round: jax.Array
-    clients: Vars
-    client_opt: Any
-    server: Vars
-    server_opt: Any
-    aux: Vars
-    aux_opt: Any
-    frozen: Any = None
+def local_aux_steps(ctx: Context) -> tuple[Callable, Callable]:
+    """CSE-FSL's lifted client step and shared-server step, on plain arguments (FSL-SAGE's
+    warm start reuses them on its own state).
 
-
-def make_step(split: SplitModel, cfg: Config) -> tuple[Callable, Callable]:
-    """CSE-FSL's lockstep local step and its end-of-round aggregation, for any state with
-    the fields of :class:`CseFslState` (FSL-SAGE's warm start reuses them).
-
-    Returns ``(step(state, b, t, rng, acc) -> (state, acc), end(state, weights, acc) -> (state, acc))``.
+    Returns ``(clients(fz, cv, copt, av, aopt, b, rng) -> (cv, copt, av, aopt, z),
+    server(server: Server, fs, z, b, rng) -> (Server, loss, up))``.
     """
-    m, opt, aux_opt, L = cfg.num_clients, optimizer_for(cfg), aux_optimizer_for(cfg), lifter(cfg)
-    serve = make_serve(split, opt, cfg)
+    split, opt, aux_opt = ctx.split, ctx.opt, aux_optimizer_for(ctx.cfg)
+    serve = ctx.serve()
 
     def client_step(fz, cv, copt, av, aopt, x, y, w, active, rng):
         cv2, copt2, av2, aopt2, z, loss = steps.local_aux_step(
             split, opt, aux_opt, cv.with_frozen(fz[0]), copt, av.with_frozen(fz[2]), aopt, x, y, w, rng)
         return tree_where(active, (cv2, copt2, av2, aopt2), (cv, copt, av, aopt)) + (z,)
-    client_step = L(client_step, shared=1)
+    lifted = ctx.lift(client_step, shared=1)
+
+    def clients(fz, cv, copt, av, aopt, b, rng):
+        return lifted(fz, cv, copt, av, aopt, b.x, b.y, b.w, b.active, jax.random.split(rng, ctx.m))
+
+    def server(srv, fs, z, b, rng):
+        up = uploads(b, ctx.cfg.server_update_interval)
+        sv, sopt, _, loss = serve(srv.vars.with_frozen(fs), srv.opt, z, b.y, b.w, up, rng)
+        return Server(sv, sopt), loss, up
+    return clients, server
+
+
+def count_uploads(acc: dict, loss, b, up) -> dict:
+    """The server's loss on the uploaded samples and the z-up messages of a step."""
+    acc = add_loss(acc, loss, b.w.sum(1) * up)
+    return count_messages(acc, b.w * up[:, None], z_up=True, g_down=False)
+
+
+def average_with_aux(state, weights, acc):
+    """Average ``clients.shared`` (client and auxiliary models); the auxiliary models
+    are exchanged with the fed server too (``aux_models``)."""
+    state, acc = average_shared(state, weights, acc)
+    return state, {**acc, "aux_models": acc["aux_models"] + weights.shape[0]}
+
+
+def build(ctx: Context) -> Parts:
+    """CSE-FSL for ``ctx``."""
+    opt, aux_opt = ctx.opt, aux_optimizer_for(ctx.cfg)
+    clients, server = local_aux_steps(ctx)
 
     def step(state, b, t, rng, acc):
+        fz = frozen_of(state)
         kc, ks = jax.random.split(rng)
-        cv, copt, av, aopt, z = client_step(
-            frozen_parts(state), state.clients, state.client_opt, state.aux, state.aux_opt, b.x, b.y, b.w,
-            b.active, jax.random.split(kc, m))
-        up = uploads(b, cfg.server_update_interval)
-        sv, sopt, _, loss = serve(state.server.with_frozen(frozen_parts(state)[1]), state.server_opt, z,
-                                  b.y, b.w, up, ks)
-        state = state._replace(clients=cv, client_opt=copt, aux=av, aux_opt=aopt,
-                               server=sv, server_opt=sopt)
-        acc = add_loss(acc, loss, b.w.sum(1) * up)
-        return state, count_messages(acc, b.w * up[:, None], z_up=True, g_down=False)
+        (cv, av), (copt, aopt) = state.clients
+        cv, copt, av, aopt, z = clients(fz, cv, copt, av, aopt, b, kc)
+        srv, loss, up = server(state.server, fz[1], z, b, ks)
+        state = state._replace(clients=state.clients._replace(shared=(cv, av), own=(copt, aopt)), server=srv)
+        return state, count_uploads(acc, loss, b, up)
 
-    def end(state, weights, acc):
-        state = state._replace(clients=average_into(state.clients, weights),
-                               aux=average_into(state.aux, weights))
-        return state, {**acc, "aux_models": acc["aux_models"] + weights.shape[0]}
-    return step, end
-
-
-def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
-    """CSE-FSL for ``split`` and ``cfg``; client shards padded to ``n_max``."""
-    cfg = resolve_config(cfg, split)
-    m, opt, aux_opt = cfg.num_clients, optimizer_for(cfg), aux_optimizer_for(cfg)
-
-    def init(key):
-        cv, sv, av, frozen = init_parts(split, key)
-        return CseFslState(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
-                           sv, opt.init(sv.params), broadcast(av, m), broadcast(aux_opt.init(av.params), m),
-                           frozen)
-
-    step, end = make_step(split, cfg)
-    return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
-                     lambda s: global_vars(s, first(s.clients), s.server))
+    return Parts(init=lambda cv, sv, av: ((cv, av), (opt.init(cv.params), aux_opt.init(av.params)),
+                                          Server(sv, opt.init(sv.params))),
+                 step=step, end=average_with_aux,
+                 global_model=lambda shared, server: (shared[0], server.vars))
 
 
 ALGORITHM = AlgorithmDef(
-    name=NAME, label="CSE-FSL", make=make, client_fields=("clients", "client_opt", "aux", "aux_opt"),
+    name=NAME, label="CSE-FSL", build=build,
     model_bytes=lambda sizes: sizes.client,       # + the auxiliary model: counted as aux_models
-    uses=frozenset({"server_update_interval", "aux_lr", "aux_weight_decay"}), color="tab:purple",
-    persistent_fields=("client_opt", "aux_opt"))
+    uses=frozenset({"server_update_interval", "aux_lr", "aux_weight_decay"}), color="tab:purple")

@@ -23,10 +23,8 @@ from fslsage_jax.algorithms.lifting import auto_strategy, branch, lift, sequenti
 from fslsage_jax.algorithms.trees import broadcast, tree_where, weighted_average
 from fslsage_jax.split import SplitModel, Vars, apply_part, cut_shape, init_split, prepare_input
 
-# Every algorithm's state is its own NamedTuple (see its module) with at least these
-# fields: ``round`` (int32 scalar), ``clients`` (client ``Vars`` with a leading client
-# axis), ``client_opt`` and ``frozen`` (None or ``(client, server, aux)`` frozen weights
-# held once for all clients; the ``Vars`` in the other fields have ``frozen=None``).
+# Every algorithm's state is a ``base.State`` (round, clients=ClientState(shared, own),
+# server, frozen); see :mod:`fslsage_jax.algorithms.base`.
 
 
 def resolve_config(cfg: Config, split: SplitModel) -> Config:
@@ -60,11 +58,6 @@ def init_parts(split: SplitModel, key: jax.Array) -> tuple[Vars, Vars, Vars, Any
     return (*(v for v, _ in parts), None if all(f is None for f in frozen) else frozen)
 
 
-def frozen_parts(state: Any) -> tuple:
-    """``(client, server, aux)`` frozen weights of ``state`` (Nones when there are none)."""
-    return (None, None, None) if state.frozen is None else state.frozen
-
-
 # What the compiled round counts on the device. Message counts (int32): ``z_up`` samples
 # whose cut activation went up, ``g_down`` cut-layer gradients sent back, ``aux_down``
 # clients that received an aligned auxiliary model, ``models`` clients that exchanged
@@ -91,8 +84,9 @@ class ClientArrays(NamedTuple):
 class Algorithm(NamedTuple):
     """An algorithm made for one split model and config.
 
-    ``init(key) -> state``; ``run_round(state, data, key) -> (state, metrics)``
-    (compiled; ``metrics`` holds the host values of :data:`METRIC_KEYS`);
+    ``init(key) -> state`` (a ``base.State``); ``run_round(state, data, key) -> (state,
+    metrics)`` (compiled; ``metrics`` holds the on-device values of :data:`METRIC_KEYS`,
+    read them with ``jax.device_get`` when needed);
     ``global_model(state) -> (client Vars, server Vars)`` after aggregation;
     ``name`` its CLI name.
     """
@@ -120,7 +114,8 @@ def count_messages(acc: dict, w: jax.Array, *, z_up: bool, g_down: bool) -> dict
     return {**acc, "z_up": acc["z_up"] + n * z_up, "g_down": acc["g_down"] + n * g_down}
 
 
-def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Callable:
+def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int,
+                   state_sharding: Any = None) -> Callable:
     """Compile an algorithm's pieces into ``run_round``.
 
     Args:
@@ -129,20 +124,26 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
       end: ``end(state, weights [m], acc) -> (state, acc)`` (aggregation; it may count
         model exchanges beyond the client models', e.g. ``aux_models``).
       n_max: padded shard length (static).
+      state_sharding: None, or a sharding (prefix) pytree of the state that every
+        compiled program returns its state in (the client axis split over devices).
     Returns:
-      ``run_round(state, data: ClientArrays, key) -> (state, metrics dict of host values)``;
+      ``run_round(state, data: ClientArrays, key) -> (state, metrics dict on the device)``;
       every client that took part exchanged its model with the fed server (``models``).
+      The state argument is donated. A batch larger than the largest shard is clamped to
+      it (the same steps and results: one step per epoch of each whole shard).
       With ``cfg.strategy == "loop"`` the local steps run eagerly (a Python loop over
       clients of jitted single-client calls: the reference of the benchmarks).
     """
-    num_steps = cfg.local_epochs * steps_per_epoch(n_max, cfg.batch_size)
+    batch_size = min(cfg.batch_size, n_max)
+    num_steps = cfg.local_epochs * steps_per_epoch(n_max, batch_size)
+    out = None if state_sharding is None else (state_sharding, None)
 
     def begin(data, key):
         korder, kstep = jax.random.split(key)
         return epoch_orders(korder, data.counts, n_max, cfg.local_epochs), kstep
 
     def one(state, acc, data, orders, key, t):
-        batch = gather_batch(data.x, data.y, data.counts, orders, t, cfg.batch_size)
+        batch = gather_batch(data.x, data.y, data.counts, orders, t, batch_size)
         return step(state, batch, t, jax.random.fold_in(key, t), acc)
 
     def finish(state, acc, data):
@@ -154,7 +155,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
         if cfg.strategy == "loop":
             raise ValueError("strategy 'loop' runs the local steps eagerly; use step_loop='host'")
 
-        @jax.jit(donate_argnums=(0,))
+        @jax.jit(donate_argnums=(0,), out_shardings=out)
         def compiled(state, data, key):
             orders, kstep = begin(data, key)
             def body(carry, t):
@@ -163,26 +164,24 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
             return finish(state, acc, data)
 
         def run_round(state, data, key):
-            state, acc = compiled(state, data, key)
-            return state, jax.device_get(acc)
-        run_round.lower = lambda state, data: {"round": compiled.lower(state, data, _KEY)}
+            return compiled(state, data, key)
+        run_round.lower_all = lambda state, data: {"round": compiled.lower(state, data, _KEY)}
         return run_round
 
     if cfg.step_loop != "host":
         raise ValueError(f"unknown step_loop {cfg.step_loop!r}")
     begin_j = jax.jit(begin)
-    one_j = one if cfg.strategy == "loop" else jax.jit(one, donate_argnums=(0, 1))
-    finish_j = jax.jit(finish, donate_argnums=(0, 1))
+    one_j = one if cfg.strategy == "loop" else jax.jit(one, donate_argnums=(0, 1), out_shardings=out)
+    finish_j = jax.jit(finish, donate_argnums=(0, 1), out_shardings=out)
 
     def run_round(state, data, key):
         orders, kstep = begin_j(data, key)
         acc = zero_metrics()
         for t in range(num_steps):
             state, acc = one_j(state, acc, data, orders, kstep, jnp.int32(t))
-        state, acc = finish_j(state, acc, data)
-        return state, jax.device_get(acc)
+        return finish_j(state, acc, data)
 
-    def lower(state, data):
+    def lower_all(state, data):
         """The round's programs lowered for these (possibly abstract) inputs."""
         orders, kstep = jax.eval_shape(begin, data, _KEY)
         acc = jax.eval_shape(zero_metrics)
@@ -191,7 +190,7 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int) -> Ca
         if cfg.strategy != "loop":
             progs["round_step"] = one_j.lower(state, acc, data, orders, kstep, t)
         return progs
-    run_round.lower = lower
+    run_round.lower_all = lower_all
     return run_round
 
 
@@ -202,17 +201,6 @@ def average_into(tree_m: Any, weights: jax.Array) -> Any:
     """Weighted average over the client axis, broadcast back to every client."""
     m = weights.shape[0]
     return broadcast(weighted_average(tree_m, weights), m)
-
-
-def first(tree_m: Any) -> Any:
-    """Client 0's slice of a client-axis pytree."""
-    return jax.tree_util.tree_map(lambda x: x[0], tree_m)
-
-
-def global_vars(state: Any, client: Vars, server: Vars) -> tuple[Vars, Vars]:
-    """The global (client, server) variables with the frozen weights attached."""
-    fc, fs, _ = frozen_parts(state)
-    return client.with_frozen(fc), server.with_frozen(fs)
 
 
 def make_evaluate(split: SplitModel, batch_size: int = 1000) -> Callable:

@@ -23,6 +23,10 @@ whole buffer in one training-mode forward pass).
 Simulation semantics: clients run in lockstep; the server consumes the
 uploads of a step one after another in client order; in an alignment round all
 clients are aligned at once against the server state after the step-0 uploads.
+
+State: ``clients.shared`` = client models, ``clients.own`` = :class:`SageOwn`
+(client optimizer state, auxiliary model, its alignment optimizer state, FIFO
+buffer), ``server`` = :class:`~fslsage_jax.algorithms.base.Server`.
 """
 from __future__ import annotations
 
@@ -32,57 +36,40 @@ import jax
 import jax.numpy as jnp
 
 from fslsage_jax.algorithms import cse_fsl, steps
+from fslsage_jax.algorithms.base import ClientState, Context, Parts, Server, average_shared, frozen_of
 from fslsage_jax.algorithms.buffer import Buffer, buffer_init, buffer_push
-from fslsage_jax.algorithms.config import Config, aux_optimizer_for, optimizer_for
+from fslsage_jax.algorithms.config import aux_optimizer_for
 from fslsage_jax.algorithms.definition import AlgorithmDef
-from fslsage_jax.algorithms.engine import (Algorithm, add_loss, average_into, count_messages, first,
-                                           frozen_parts, global_vars, init_parts, lifter,
-                                           make_run_round, make_serve, resolve_config, uploads)
+from fslsage_jax.algorithms.engine import add_loss, average_into, count_messages, uploads
 from fslsage_jax.algorithms.lifting import branch, lift
-from fslsage_jax.algorithms.trees import broadcast, tree_where
-from fslsage_jax.split import SplitModel, Vars, cut_shape
+from fslsage_jax.split import Vars, cut_shape
 
 NAME = "fsl_sage"
 
 
-class FslSageState(NamedTuple):
-    """``clients``, ``client_opt``, ``aux``, ``aux_opt`` (the alignment optimizer) and
-    ``buffer`` (each client's FIFO of uploaded (z, y)) carry a leading client axis;
-    the server is shared."""
-    round: jax.Array
-    clients: Vars
-    client_opt: Any
-    server: Vars
-    server_opt: Any
-    aux: Vars
-    aux_opt: Any
-    buffer: Buffer
-    frozen: Any = None
+class SageOwn(NamedTuple):
+    """What each FSL-SAGE client keeps across rounds (never averaged)."""
+    opt: Any          # client optimizer state
+    aux: Vars         # auxiliary model
+    aux_opt: Any      # its (alignment) optimizer state
+    buffer: Buffer    # FIFO of uploaded (z, y)
 
 
-def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
-    """FSL-SAGE for ``split`` and ``cfg``; client shards padded to ``n_max``."""
-    cfg = resolve_config(cfg, split)
-    m, opt, L = cfg.num_clients, optimizer_for(cfg), lifter(cfg)
+def build(ctx: Context) -> Parts:
+    """FSL-SAGE for ``ctx``."""
+    split, cfg, m, opt = ctx.split, ctx.cfg, ctx.m, ctx.opt
     align_opt = aux_optimizer_for(cfg)
-    serve = make_serve(split, opt, cfg)
+    serve, forward, update = ctx.serve(), ctx.client_forward(), ctx.client_update()
     z_shape, z_dtype = cut_shape(split)
 
-    def init(key):
-        cv, sv, av, frozen = init_parts(split, key)
+    def init(cv, sv, av):
         buf = buffer_init(cfg.align_buffer_size, z_shape, split.label_shape, z_dtype)
-        return FslSageState(jnp.zeros((), jnp.int32), broadcast(cv, m), broadcast(opt.init(cv.params), m),
-                            sv, opt.init(sv.params), broadcast(av, m),
-                            broadcast(align_opt.init(av.params), m), broadcast(buf, m), frozen)
+        own = SageOwn(opt.init(cv.params), av, align_opt.init(av.params), buf)
+        return cv, own, Server(sv, opt.init(sv.params))
 
-    push = L(buffer_push)
-
-    def backward(cv, copt, vjp_fn, g, cstate, active):
-        return tree_where(active, steps.client_backward(opt, cv, copt, vjp_fn, g, cstate), (cv, copt))
-    backward = L(backward)
-    forward = L(lambda fc, cv, x, w, r: steps.client_forward(split, cv.with_frozen(fc), x, r, w), shared=1)
-    estimate = L(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
-                 shared=1)
+    push = ctx.lift(buffer_push)
+    estimate = ctx.lift(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
+                        shared=1)
     # alignment: align_client_chunk clients at once (vmapped), chunks one after another
     align_all = lift(lambda fa, sv, av, ao, buf, k: steps.align(
         split, align_opt, av.with_frozen(fa), ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size,
@@ -90,15 +77,16 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
         else "chunked", cfg.align_client_chunk, shared=2)
 
     def sage_step(state, b, t, rng, acc):
-        fc, fs, fa = frozen_parts(state)
+        fc, fs, fa = frozen_of(state)
         kc, ks, ka = jax.random.split(rng, 3)
-        z, vjp_fn, cstate = forward(fc, state.clients, b.x, b.w, jax.random.split(kc, m))
+        cv, own = state.clients
+        z, vjp, cstate = forward(fc, cv, b.x, b.w, jax.random.split(kc, m))
         up = uploads(b, cfg.server_update_interval)
-        sv, sopt, g_true, loss = serve(state.server.with_frozen(fs), state.server_opt, z, b.y, b.w,
+        sv, sopt, g_true, loss = serve(state.server.vars.with_frozen(fs), state.server.opt, z, b.y, b.w,
                                        up, ks)
         # the FIFO is only rewritten at a step with uploads
         buf = branch(jnp.any(up), lambda buf: push(buf, z, b.y, b.w * up[:, None]), lambda buf: buf,
-                     state.buffer)
+                     own.buffer)
 
         def do_align(av, ao):
             av, ao, (first_l, last_l) = align_all(fa, sv.with_frozen(fs), av, ao, buf,
@@ -109,33 +97,44 @@ def make(split: SplitModel, cfg: Config, n_max: int) -> Algorithm:
         av, ao, l0, l1, sent = branch(aligning, do_align,
                                       lambda av, ao: (av, ao, acc["align_loss_first"],
                                                       acc["align_loss_last"], jnp.int32(0)),
-                                      state.aux, state.aux_opt)
+                                      own.aux, own.aux_opt)
         g_hat = estimate(fa, av, z, b.y, b.w)
-        cv, copt = backward(state.clients, state.client_opt, vjp_fn, g_hat, cstate, b.active)
+        cv, copt = update(cv, own.opt, vjp(g_hat)[0], cstate, b.active)
         cos = jax.vmap(steps.cosine)(g_hat, g_true)
         acc = count_messages(add_loss(acc, loss, b.w.sum(1) * up), b.w * up[:, None], z_up=True,
                              g_down=False)
         acc = {**acc, "cos_sum": acc["cos_sum"] + jnp.sum(cos * up), "cos_n": acc["cos_n"] + jnp.sum(up),
                "align_loss_first": l0, "align_loss_last": l1, "aux_down": acc["aux_down"] + sent}
-        state = state._replace(clients=cv, client_opt=copt, server=sv, server_opt=sopt,
-                               aux=av, aux_opt=ao, buffer=buf)
+        state = state._replace(clients=ClientState(cv, SageOwn(copt, av, ao, buf)), server=Server(sv, sopt))
         return state, acc
 
-    def sage_end(state, weights, acc):
-        return state._replace(clients=average_into(state.clients, weights)), acc
+    if not cfg.warm_start:
+        return Parts(init=init, step=sage_step, global_model=lambda cv, server: (cv, server.vars))
 
-    if cfg.warm_start:
-        # the first ``warm_start`` rounds are CSE-FSL's (its step, messages and averaging)
-        cse_step, cse_end = cse_fsl.make_step(split, cfg)
-        warm = lambda state: state.round < cfg.warm_start
-        step = lambda state, *a: branch(warm(state), cse_step, sage_step, state, *a)
-        end = lambda state, *a: branch(warm(state), cse_end, sage_end, state, *a)
-    else:
-        step, end = sage_step, sage_end
+    # the first ``warm_start`` rounds are CSE-FSL's (its step, messages and averaging)
+    cse_clients, cse_server = cse_fsl.local_aux_steps(ctx)
 
-    return Algorithm(NAME, init, make_run_round(cfg, step, end, n_max),
-                     lambda s: global_vars(s, first(s.clients), s.server))
+    def cse_step(state, b, t, rng, acc):
+        fz = frozen_of(state)
+        kc, ks = jax.random.split(rng)
+        cv, own = state.clients
+        cv, copt, av, ao, z = cse_clients(fz, cv, own.opt, own.aux, own.aux_opt, b, kc)
+        srv, loss, up = cse_server(state.server, fz[1], z, b, ks)
+        own = own._replace(opt=copt, aux=av, aux_opt=ao)
+        return state._replace(clients=ClientState(cv, own), server=srv), cse_fsl.count_uploads(acc, loss, b, up)
 
+    def cse_end(state, weights, acc):
+        state, acc = average_shared(state, weights, acc)
+        own = state.clients.own
+        own = own._replace(aux=average_into(own.aux, weights))
+        state = state._replace(clients=state.clients._replace(own=own))
+        return state, {**acc, "aux_models": acc["aux_models"] + weights.shape[0]}
+
+    warm = lambda state: state.round < cfg.warm_start
+    return Parts(init=init,
+                 step=lambda state, *a: branch(warm(state), cse_step, sage_step, state, *a),
+                 end=lambda state, *a: branch(warm(state), cse_end, average_shared, state, *a),
+                 global_model=lambda cv, server: (cv, server.vars))
 
 def round_metrics(acc: dict) -> dict:
     """Mean cosine between the auxiliary estimate and the true server gradient on the
@@ -148,11 +147,9 @@ def round_metrics(acc: dict) -> dict:
 
 
 ALGORITHM = AlgorithmDef(
-    name=NAME, label="FSL-SAGE", make=make,
-    client_fields=("clients", "client_opt", "aux", "aux_opt", "buffer"),
+    name=NAME, label="FSL-SAGE", build=build,
     model_bytes=lambda sizes: sizes.client,
     uses=frozenset({"server_update_interval", "align_interval", "align_epochs", "align_batch_size",
                     "align_buffer_size", "align_target_scale", "align_client_chunk", "aux_lr", "aux_weight_decay",
                     "warm_start"}),
-    round_metrics=round_metrics, color="tab:red",
-    persistent_fields=("client_opt", "aux", "aux_opt", "buffer"))
+    round_metrics=round_metrics, color="tab:red")

@@ -38,26 +38,14 @@ def auto_strategy(backend: str, input_shape: tuple, num_clients: int | None = No
 
 
 
-class _PerClient:
-    """Per-client values that cannot be stacked (e.g. VJP closures traced
-    separately by the ``unroll`` strategy); indexed back client by client."""
-
-    def __init__(self, items):
-        self.items = list(items)
-
-
 def _index(tree, i):
-    return jax.tree_util.tree_map(lambda x: x.items[i] if isinstance(x, _PerClient) else x[i], tree,
-                                  is_leaf=lambda x: isinstance(x, _PerClient))
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
 
 
 def _stack(trees):
-    try:
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
-    except (ValueError, TypeError):
-        if isinstance(trees[0], tuple):
-            return tuple(_stack(list(parts)) for parts in zip(*trees))
-        return _PerClient(trees)
+    """Per-client outputs stacked on a new leading axis (they must have one structure
+    and shape: a mismatch is a real error and raises)."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def lift(fn: Callable, strategy: str = "vmap", chunk_size: int = 8, shared: int = 0) -> Callable:

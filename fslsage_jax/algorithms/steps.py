@@ -47,12 +47,19 @@ def client_forward(split: SplitModel, cv: Vars, x: jax.Array, rng: jax.Array | N
       ``(z, vjp_fn, new_state)``: the cut activation, a function mapping a
       cut-layer gradient ``g_z`` to ``(grad_params,)``, the updated client state.
     """
+    f = lambda p: client_apply(split, cv._replace(params=p), x, rng, w)
+    z, vjp_fn, new_state = jax.vjp(f, cv.params, has_aux=True)
+    return z, vjp_fn, new_state
+
+
+def client_apply(split: SplitModel, cv: Vars, x: jax.Array, rng: jax.Array | None = None,
+                 w: jax.Array | None = None):
+    """The client model in training mode on a raw input batch: ``(z, new_state)``
+    (what :func:`client_forward` differentiates; ``rng`` and ``w`` as there)."""
     rng, kaug = _keys(rng)
     x = prepare_input(split, x, kaug, True)
     mask = None if w is None else batch_mask(split, w)
-    f = lambda p: apply_part(split.client, cv._replace(params=p), x, True, rng, mask)
-    z, vjp_fn, new_state = jax.vjp(f, cv.params, has_aux=True)
-    return z, vjp_fn, new_state
+    return apply_part(split.client, cv, x, True, rng, mask)
 
 
 def client_backward(opt: optax.GradientTransformation, cv: Vars, opt_state: Any,
