@@ -147,7 +147,7 @@ BUILTIN_DATASETS: dict[str, DatasetEntry] = {
     "cifar100": _image_dataset("cifar100", (50000, 10000)),
     "digits": _image_dataset("digits", (1437, 360)),
     "synthetic": DatasetEntry("image", load=_load_synthetic,
-                              shape=lambda cfg: (synthetic_shape(cfg.synthetic_shape), 10),
+                              shape=lambda cfg: (synthetic_shape(cfg.synthetic_shape), data.dataset_shape("synthetic")[1]),
                               sizes=_synthetic_sizes,
                               fields=("synthetic_shape", "synthetic_samples_per_client")),
     "e2e": DatasetEntry("text", load=language.load_e2e, shape=language.e2e_shape, sizes=language.e2e_sizes,
@@ -163,7 +163,7 @@ BUILTIN_MODELS: dict[str, ModelEntry] = {
 }
 
 
-def names_of_kind(registry: dict, kind: str) -> list[str]:
+def _names_of_kind(registry: dict, kind: str) -> list[str]:
     """The entries of ``registry`` of ``kind``, in registry order."""
     return [n for n, e in registry.items() if e.kind == kind]
 
@@ -173,10 +173,10 @@ def pairing_error(model: str, dataset: str) -> ConfigError | None:
     m, d = BUILTIN_MODELS[model], BUILTIN_DATASETS[dataset]
     if m.kind == d.kind:
         return None
-    if m.kind == "image":   # said as it always was: an image model it is
-        need = f"an image model ({', '.join(names_of_kind(BUILTIN_MODELS, 'image'))})"
+    if m.kind == "image":   # the CLI's wording since GPT-2 was added: it names the image models
+        need = f"an image model ({', '.join(_names_of_kind(BUILTIN_MODELS, 'image'))})"
     else:
-        need = "{dataset} " + ", ".join(names_of_kind(BUILTIN_DATASETS, m.kind))
+        need = "{dataset} " + ", ".join(_names_of_kind(BUILTIN_DATASETS, m.kind))
     return ConfigError("{model} {}: cannot be used with {dataset} {} (needs " + need + ")", model, dataset)
 
 
