@@ -15,7 +15,8 @@ summary.json and checkpoints/ into --out (default runs/<algo>-<dataset>-<timesta
 Exit codes: 0 done; 2 bad flag (one line on stderr, nothing written); 3 a run
 diverged (non-finite loss or parameter); 130 / 143 stopped by SIGINT / SIGTERM
 after writing a checkpoint (resumable with --resume).
-The experiment (settings, checks, data, models, resume) is :mod:`fslsage_jax.experiment`.
+The experiment (settings, checks, data, models, resume) is :mod:`fslsage_jax.experiment`; this
+script parses flags, words the library's errors as flags, prints and handles signals.
 """
 from __future__ import annotations
 
@@ -23,14 +24,57 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fslsage_jax import checkpoint  # noqa: E402
 from fslsage_jax import experiment as ex  # noqa: E402
-from fslsage_jax.experiment import StopFlag  # noqa: E402
+from fslsage_jax.presets import PRESETS, preset_defaults  # noqa: E402
 from fslsage_jax.results import format_table  # noqa: E402
+from fslsage_jax.runtime import configure_runtime  # noqa: E402
+from fslsage_jax.sharding import parse_devices  # noqa: E402
+
+
+def flag(dest: str) -> str:
+    """The CLI flag of a setting: ``batch_size`` -> ``--batch-size``."""
+    return "--" + dest.replace("_", "-")
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM: pass it as ``run(..., stop_requested=StopFlag().install())`` and
+    the run stops after the current round with a checkpoint; a second signal kills the process
+    at once. ``restore()`` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this round with a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def install(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,7 +87,6 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser (defaults and choices from :class:`ExperimentConfig`); ``preset`` (a key
     of ``PRESETS``) replaces the defaults it names."""
-    from fslsage_jax.sharding import parse_devices
     d, choices = ex.ExperimentConfig(), ex.choices()
     p = OneLineParser(
         description="Federated split learning simulation (FSL-SAGE, Nair et al. ICML 2025, and "
@@ -156,14 +199,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     a("--process-id", "this process, 0..N-1; only process 0 writes files", g)
     a("--distributed-timeout", "seconds to wait for the coordinator before exit 2", g)
     if preset is not None:
-        from fslsage_jax.presets import preset_defaults
         p.set_defaults(**preset_defaults(preset))
     return p
 
 
 def preset_of(argv: list[str]) -> str | None:
     """The ``--preset`` value in ``argv`` (None if absent); unknown names fail later in parsing."""
-    from fslsage_jax.presets import PRESETS
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     name = pre.parse_known_args(argv)[0].preset
@@ -182,8 +223,14 @@ def err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def fail(msg) -> None:
-    """Exit 2 with one line on stderr."""
+    """Exit 2 with one line on stderr (a :class:`ConfigError` names settings as flags)."""
+    if isinstance(msg, ex.ConfigError):
+        msg = msg.render(flag)
     err(f"error: {' '.join(str(msg).split())}")
     raise SystemExit(2)
 
@@ -197,7 +244,6 @@ def exit_code(summaries: list[dict], stop: StopFlag) -> int:
 
 def report_stop(s: dict, run_dir: str, out: str) -> None:
     """One line on stderr for a run that diverged or was interrupted."""
-    from fslsage_jax import checkpoint
     c = checkpoint.latest(run_dir)
     last = f"last checkpoint after round {c.rounds}" if c else "no checkpoint"
     if s["stop_reason"] == "diverged":
@@ -214,12 +260,10 @@ def main(argv=None) -> int:
     preset = preset_of(argv)
     args = build_parser(preset).parse_args(argv)
     # before any JAX computation: glibc malloc tuning and the persistent compilation cache
-    from fslsage_jax.runtime import configure_runtime
     configure_runtime(compilation_cache=args.compilation_cache)
     given = explicit_flags(argv)
     if preset and not args.resume:
-        from fslsage_jax.presets import preset_defaults
-        err(f"preset {preset}: " + ", ".join(f"{ex.flag(k)} {v}" + (
+        err(f"preset {preset}: " + ", ".join(f"{flag(k)} {v}" + (
             f" (overridden: {given[k]})" if k in given else "") for k, v in preset_defaults(preset).items()))
     try:
         cfg = ex.ExperimentConfig(**vars(args))
@@ -234,13 +278,15 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, out=out)
         ex.check_out(out, cfg.overwrite, bool(cfg.resume))
         if cfg.memory_plan:
-            text, fits = ex.write_memory_plan(cfg)
+            text, fits, limit = ex.write_memory_plan(cfg)
+            if limit is None:
+                text += "\nthe device reports no memory size; pass --device-memory-gib to check a limit"
             print(text)
             return 0 if fits else 4
-        exp = ex.build(cfg, log=err)
+        exp = ex.build(cfg, log=err, echo=say)
         stop = StopFlag().install()
         try:
-            summaries = ex.run(exp, stop_requested=stop, log=err, echo=lambda m: print(m, flush=True),
+            summaries = ex.run(exp, stop_requested=stop, log=err, echo=say,
                                on_summary=lambda s, run_dir: report_stop(s, run_dir, out))
         finally:
             stop.restore()

@@ -1,5 +1,6 @@
 """Every bad flag costs seconds: exit code 2, one line on stderr naming the flag, the
 value and what is allowed, no traceback, and nothing written into a fresh --out."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import run
 
 from fslsage_jax import experiment
+from fslsage_jax.experiment import tasks
 
 # (argv, text the one line must contain)
 BAD = [
@@ -92,8 +94,9 @@ def test_unreadable_data_maps_to_exit_2(tmp_path, capsys, monkeypatch):
 
 
 def test_incompatible_model_and_dataset(tmp_path, capsys, monkeypatch):
-    assert experiment._cnn_input_error((8, 8, 1), 10) is None
-    assert "needs images (H, W, C)" in experiment._cnn_input_error((64,), 10)
+    cnn = tasks.BUILTIN_MODELS["cnn"]
+    assert cnn.input_error((8, 8, 1), 10) is None
+    assert "needs images (H, W, C)" in cnn.input_error((64,), 10)
     # the real rule: ResNet-18's client part downsamples 8x, digits are 8x8
     line = _main_fails(["--model", "resnet18", "--out", str(tmp_path / "o")], capsys)
     assert line == ("error: --model resnet18: cannot be used with --dataset digits: needs images of "
@@ -104,7 +107,7 @@ def test_incompatible_model_and_dataset(tmp_path, capsys, monkeypatch):
 
     def unbuildable(shape, k):
         raise ValueError("kernel larger than input")
-    monkeypatch.setitem(experiment.MODEL_INPUT_CHECKS, "cnn", lambda shape, k: None)
+    monkeypatch.setitem(tasks.BUILTIN_MODELS, "cnn", dataclasses.replace(cnn, input_error=lambda shape, k: None))
     monkeypatch.setitem(models.MODELS, "cnn", unbuildable)
     line = _main_fails(["--out", str(tmp_path / "o")], capsys)
     assert line.startswith("error: --model cnn: cannot be built for --dataset digits inputs of shape (8, 8, 1)")
@@ -241,7 +244,15 @@ def test_flags_with_an_effect_are_accepted(argv, capsys, no_data):
 
 
 def test_library_validate_refuses_the_same():
-    from fslsage_jax.experiment import ConfigError, ExperimentConfig, preset_config, validate
+    from fslsage_jax.experiment import ConfigError, ExperimentConfig, preset_config
+    from fslsage_jax.experiment import validate as library_validate
+
+    def validate(cfg, explicit=None):       # the library's checks; its errors worded as the CLI words them
+        try:
+            library_validate(cfg, explicit)
+        except ConfigError as e:
+            raise ConfigError("{}", e.render(run.flag), field=e.field) from e
+
     with pytest.raises(ConfigError, match="--align-epochs 3: not used by --algo cse_fsl"):
         validate(ExperimentConfig(algo="cse_fsl", align_epochs=3))
     with pytest.raises(ConfigError, match="--batch-size 0: must be a positive integer"):
@@ -250,6 +261,14 @@ def test_library_validate_refuses_the_same():
         validate(ExperimentConfig(algo="nope"))
     validate(preset_config("e2e_gpt2_tiny", algo="cse_fsl"))          # preset values count as defaults
     validate(ExperimentConfig(algo="cse_fsl", align_epochs=3), explicit={"algo"})
+    # the library names the settings by their field names, no flags
+    with pytest.raises(ConfigError) as e:
+        library_validate(ExperimentConfig(algo="cse_fsl", align_epochs=3))
+    assert e.value.field == "align_epochs"
+    assert str(e.value) == "align_epochs 3: not used by algo cse_fsl (only by fsl_sage)"
+    with pytest.raises(ConfigError) as e:
+        library_validate(ExperimentConfig(model="gpt2"))
+    assert e.value.field == "model" and "--" not in str(e.value)
 
 
 def test_batch_larger_than_every_shard_is_one_step_on_the_whole_shard(tmp_path):
@@ -267,8 +286,53 @@ def test_batch_larger_than_every_shard_is_one_step_on_the_whole_shard(tmp_path):
     assert [r["comm"]["labels_up"] for r in recs] == [4 * n, 8 * n]
     assert recs[-1]["comm"]["model_up"] == 2 * 8 * s["model_bytes"]["client"]
     assert [r["comm"]["aux_down"] for r in recs] == [8 * s["model_bytes"]["aux"]] * 2   # aligned at round 0 only
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["provenance"] == "experiment_config" and stored["dataset"] == "digits"
     out = tmp_path / "ms"
     assert run.main(["--algo", "sl_multi_server", "--num-clients", "8", "--rounds", "1", "--local-epochs", "2",
                      "--out", str(out), "--no-progress"]) == 0
     (rec,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rec["comm"]["smashed_up"] == rec["comm"]["grad_down"] == 2 * n * z
+
+
+# ----------------------------------------------------------------------------- provenance (issue 17 item 1)
+def test_run_from_user_objects_records_its_provenance_and_resume_refuses_it(tmp_path, capsys):
+    """An Experiment built from the user's own dataset and split model: config.json says
+    user_objects and names no built-in dataset or model; --resume refuses it (exit 2, one line)
+    instead of rebuilding digits + cnn."""
+    import numpy as np
+    from conftest import make_toy
+    from fslsage_jax.data import Dataset, partition, to_client_arrays
+    from fslsage_jax.experiment import (ConfigError, Experiment, ExperimentConfig, algorithm_config,
+                                        resume_config)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5)
+    ds = Dataset("mine", x[:24], y[:24], x[24:], y[24:], 3)
+    clients = to_client_arrays(ds.x_train, ds.y_train, partition(ds.y_train, 3, "iid", 1.0, 3, 0))
+    out = tmp_path / "mine"
+    cfg = ExperimentConfig(algo="sl_single_server", num_clients=3, rounds=1, batch_size=4, strategy="vmap",
+                           checkpoint_every=1, out=str(out), no_progress=True)
+    (s,) = experiment.run(Experiment(cfg, ds, make_toy(), clients, algorithm_config(cfg)))
+    assert s["rounds_run"] == 1
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["provenance"] == "user_objects"
+    assert stored["dataset"] is None and stored["model"] is None and stored["preset"] is None
+    assert stored["n_train"] == 24 and stored["input_shape"] == [4] and stored["rounds"] == 1
+    line = _main_fails(["--resume", str(out)], capsys)
+    assert line.startswith(f"error: --resume {out}: its config.json says provenance user_objects")
+    with pytest.raises(ConfigError) as e:
+        resume_config(ExperimentConfig(resume=str(out)))
+    assert e.value.field == "resume" and "--" not in str(e.value)
+
+
+def test_run_config_provenance_and_older_runs(tmp_path, capsys):
+    from fslsage_jax.experiment import rundir
+    assert rundir.provenance({"dataset": "digits"}) == "experiment_config"       # a run from before the key
+    with pytest.raises(ValueError, match="provenance 'mine'"):
+        rundir.write_run_config(str(tmp_path), {}, "mine")
+    path = rundir.write_run_config(str(tmp_path), {"a": 1}, "experiment_config")
+    assert json.loads(open(path).read()) == {"a": 1, "provenance": "experiment_config"}
+    d = _fake_run(tmp_path / "old")                                   # no provenance key: resumable
+    assert "provenance" not in json.loads((d / "config.json").read_text())
+    assert "--rounds 1: the run in" in _main_fails(["--resume", str(d), "--rounds", "1"], capsys)
