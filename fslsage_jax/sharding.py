@@ -40,7 +40,9 @@ def resolve_devices(devices: int | str | None) -> list:
         return all_devices
     n = int(devices)
     if n < 0 or n > len(all_devices):
-        raise ValueError(f"devices={n}: {len(all_devices)} {jax.default_backend()} device(s) available")
+        hint = (f" (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting)"
+                if jax.default_backend() == "cpu" else "")
+        raise ValueError(f"devices={n}: {len(all_devices)} {jax.default_backend()} device(s) available{hint}")
     return all_devices[:n]
 
 
@@ -108,7 +110,7 @@ def shard_all(client_fields: tuple[str, ...], algo: Any, state: Any, data: Any,
     Args:
       client_fields: the state fields with a client axis (``AlgorithmDef.client_fields``).
       algo: the ``Algorithm``; its ``run_round`` is wrapped by :func:`sharded_round`.
-      state, data: the initial ``State`` and the ``ClientArrays``.
+      state, data: the initial state (the algorithm's state pytree) and the ``ClientArrays``.
     Returns:
       ``(state, data, algo)`` placed on a ``"clients"`` mesh.
     Raises:
