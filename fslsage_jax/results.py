@@ -20,7 +20,7 @@ DEFAULT_TARGET = 0.9
 
 
 class ResultsError(ValueError):
-    """A metrics file that cannot be read as asked (one-line message naming the file)."""
+    """A metrics file or run directory that cannot be read as asked (one line naming it)."""
 
 
 def read_metrics(path: str, rounds: int | None = None) -> list[dict]:
