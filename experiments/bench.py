@@ -21,17 +21,17 @@ It prints the ratios loop/ours (speed-up over the loop) and ours/limit
     python experiments/bench.py --large                     # 1,000 and 10,000 clients, chunked
     python experiments/bench.py --devices 8 --clients 64    # client axis over 8 devices
 
-Data are synthetic arrays of the real shapes. Memory: peak device memory from
-``device.memory_stats()`` where the backend has it (GPU/TPU), else the
-process resident set size (CPU; ``memory_source`` says which). Steady rounds
-of FSL-SAGE skip alignment (it runs every ``align_interval`` rounds, in round
-0 here); the loop reference skips it too.
+Data: the library's synthetic images (``make_synthetic``, iid). Memory: see
+``memory_now``. Steady rounds of FSL-SAGE skip alignment (it runs every
+``align_interval`` rounds, in round 0 here); the loop reference skips it too.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -40,12 +40,25 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fslsage_jax.algorithms import ALGORITHMS, steps  # noqa: E402
+from fslsage_jax.algorithms.config import Config, optimizer_for  # noqa: E402
+from fslsage_jax.algorithms.engine import ClientArrays  # noqa: E402
+from fslsage_jax.data import make_synthetic, partition, to_client_arrays  # noqa: E402
+from fslsage_jax.experiment import synthetic_shape  # noqa: E402
+from fslsage_jax.memory import abstract_inputs  # noqa: E402
+from fslsage_jax.models import GPT2_TINY, MODELS, make_gpt2  # noqa: E402
+from fslsage_jax.models.cnn import CNNClient, CNNServer, LinearAux  # noqa: E402
+from fslsage_jax.sharding import shard_all  # noqa: E402
+from fslsage_jax.split import SplitModel, init_split, tree_bytes  # noqa: E402
+
 STRATEGIES = ("vmap", "map", "chunked", "unroll")
-# Default input shape per model name (``NAME:SHAPE`` on the command line overrides it).
-# Hook for the tiny GPT-2: add "gpt2": "128" (a sequence length); integer inputs are drawn
-# as tokens in [0, num_classes) and labels of ``split.label_shape`` (see ``synthetic``).
+# Default shape per model (``NAME:SHAPE`` overrides it): HxWxC, or a token model's sequence length
 DEFAULT_SHAPES = {"cnn": "32x32x3", "cnn16": "8x8x1", "resnet18": "32x32x3", "gpt2tiny": "64"}
 NUM_CLASSES = 10
 
@@ -55,10 +68,6 @@ def bench_models() -> dict:
     """``fslsage_jax.models.MODELS`` plus ``cnn16`` (the cnn with 16 instead of 64 conv
     channels, small enough for 10,000 clients on one device) and ``gpt2tiny`` (the
     ``e2e_gpt2_tiny`` GPT-2 with LoRA; its shape is the sequence length)."""
-    from fslsage_jax.models import GPT2_TINY, MODELS, make_gpt2
-    from fslsage_jax.models.cnn import CNNClient, CNNServer, LinearAux
-    from fslsage_jax.split import SplitModel
-
     def cnn16(shape, k):
         return SplitModel("cnn16", CNNClient(features=16), CNNServer(k), LinearAux(k), tuple(shape), k)
 
@@ -68,53 +77,49 @@ def bench_models() -> dict:
 
 
 def parse_model(spec: str) -> tuple[str, tuple]:
-    """``"cnn:32x32x3"`` -> ``("cnn", (32, 32, 3))``; a bare name takes its default shape."""
+    """``"cnn:32x32x3"`` -> ``("cnn", (32, 32, 3))``, ``"gpt2tiny:64"`` -> ``("gpt2tiny", (64,))``;
+    a bare name takes its default shape. ``ValueError`` on a malformed shape."""
     name, _, shape = spec.partition(":")
     shape = shape or DEFAULT_SHAPES.get(name, "32x32x3")
-    return name, tuple(int(s) for s in shape.lower().split("x"))
+    return name, (synthetic_shape(shape) if "x" in shape.lower() else (int(shape),))
 
 
-def synthetic(split, m: int, n: int, seed: int = 0):
-    """Client arrays of the model's real input shape: ``ClientArrays(x [m,n,...], y [m,n,...], counts)``."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from fslsage_jax.algorithms.engine import ClientArrays
-    rng = np.random.default_rng(seed)
-    if np.issubdtype(np.dtype(split.input_dtype), np.integer):     # token models (GPT-2 hook)
+def synthetic(split, m: int, n: int, seed: int = 0) -> ClientArrays:
+    """m clients of n samples of the model's input shape: the library's synthetic images
+    (``make_synthetic``, an iid partition); token models get uniform random tokens."""
+    if np.issubdtype(np.dtype(split.input_dtype), np.integer):     # GPT-2
+        rng = np.random.default_rng(seed)
         x = rng.integers(0, split.num_classes, (m, n, *split.input_shape)).astype(split.input_dtype)
-    else:
-        x = rng.standard_normal((m, n, *split.input_shape), np.float32)
-    y = rng.integers(0, split.num_classes, (m, n, *split.label_shape)).astype(np.int32)
-    return ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.full((m,), n, jnp.int32))
+        y = rng.integers(0, split.num_classes, (m, n, *split.label_shape)).astype(np.int32)
+        return ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.full((m,), n, jnp.int32))
+    ds = make_synthetic(seed, n_train=m * n, n_test=0, shape=split.input_shape, num_classes=split.num_classes)
+    c = to_client_arrays(ds.x_train, ds.y_train, partition(ds.y_train, m, "iid", seed=seed))
+    return ClientArrays(jnp.asarray(c.x), jnp.asarray(c.y), jnp.asarray(c.counts))
 
 
 # ----------------------------------------------------------------------------- memory
 def memory_now() -> dict:
-    """Peak device bytes where the backend reports them, else process RSS (current and peak)."""
-    import jax
-    stats = None
+    """The process's peak memory: the device's ``peak_bytes_in_use`` where the backend reports
+    it (GPU/TPU), else the peak resident set size (CPU); and the current RSS."""
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = jax.devices()[0].memory_stats() or {}
     except Exception:   # noqa: BLE001 - backends without memory stats raise or return None
-        stats = None
+        stats = {}
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         rss = rss_peak
-    out = {"rss_bytes": rss, "rss_peak_bytes": rss_peak}
-    if stats and "peak_bytes_in_use" in stats:
-        out.update(device_peak_bytes=int(stats["peak_bytes_in_use"]),
-                   device_in_use_bytes=int(stats.get("bytes_in_use", 0)))
-    return out
+    if "peak_bytes_in_use" in stats:
+        return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]), "rss_bytes": rss,
+                "memory_source": "device.memory_stats peak_bytes_in_use (process-wide peak)"}
+    return {"peak_memory_bytes": rss_peak, "rss_bytes": rss,
+            "memory_source": "process RSS (CPU: no device memory stats)"}
 
 
 def state_bytes(state, algo_name: str, m: int, cfg) -> dict:
     """Bytes of the state per client (fields with a client axis, divided by m) and shared."""
-    from fslsage_jax.algorithms import ALGORITHMS
-    from fslsage_jax.split import tree_bytes
     per = set(ALGORITHMS[algo_name].fields(cfg))
     client = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f in per and v is not None)
     shared = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f not in per and v is not None)
@@ -124,21 +129,16 @@ def state_bytes(state, algo_name: str, m: int, cfg) -> dict:
 
 # ----------------------------------------------------------------------------- the engine
 def _block(tree):
-    import jax
     return jax.block_until_ready(tree)
 
 
 def time_engine(algo_name, split, cfg, data, rounds: int, devices=1) -> dict:
     """Time ``rounds`` steady rounds of the compiled engine after one warm-up round."""
-    import jax
-
-    from fslsage_jax.algorithms import ALGORITHMS
     n_max = data.x.shape[1]
     algo = ALGORITHMS[algo_name](split, cfg, n_max)
     mem0 = memory_now()
     state = _block(algo.init(jax.random.key(0)))
     if devices != 1:
-        from fslsage_jax.sharding import shard_all
         state, data, algo = shard_all(ALGORITHMS[algo_name].fields(cfg), algo, state, data, devices)
     sizes = state_bytes(state, algo_name, cfg.num_clients, cfg)
     t0 = time.perf_counter()
@@ -156,14 +156,8 @@ def time_engine(algo_name, split, cfg, data, rounds: int, devices=1) -> dict:
     samples = cfg.local_epochs * int(sum(int(c) for c in data.counts))
     out = {"round_s": med, "round_s_all": times, "first_round_s": first,
            "compile_s": max(first - med, 0.0), "samples_per_round": samples, "samples_per_s": samples / med,
-           "train_loss": float(metrics["loss_sum"] / max(metrics["loss_n"], 1.0)), **sizes}
-    if "device_peak_bytes" in mem1:
-        out.update(memory_source="device.memory_stats peak_bytes_in_use (process-wide peak)",
-                   peak_memory_bytes=mem1["device_peak_bytes"])
-    else:
-        out.update(memory_source="process RSS (CPU: no device memory stats)",
-                   peak_memory_bytes=mem1["rss_peak_bytes"])
-    out.update(rss_bytes=mem1["rss_bytes"], rss_growth_bytes=mem1["rss_bytes"] - mem0["rss_bytes"])
+           "train_loss": float(metrics["loss_sum"] / max(metrics["loss_n"], 1.0)), **sizes,
+           **mem1, "rss_growth_bytes": mem1["rss_bytes"] - mem0["rss_bytes"]}
     del state
     return out
 
@@ -177,12 +171,6 @@ def time_loop(algo_name, split, cfg, data, rounds: int, max_clients: int) -> dic
     Measured on the first ``min(m, max_clients)`` clients (every client costs the
     same: same shard size and steps) and scaled linearly to m clients.
     """
-    import dataclasses
-
-    import jax
-
-    from fslsage_jax.algorithms import ALGORITHMS
-    from fslsage_jax.algorithms.engine import ClientArrays
     m, n = cfg.num_clients, data.x.shape[1]
     k = min(m, max_clients)
     loop_cfg = dataclasses.replace(cfg, num_clients=k, strategy="loop", step_loop="host")
@@ -203,12 +191,6 @@ def time_loop(algo_name, split, cfg, data, rounds: int, max_clients: int) -> dic
 def time_limit(split, cfg, data, rounds: int, max_steps: int) -> dict:
     """Reference (b): one jitted centralised client+server train step, looped over the same
     number of samples in the same batch size (measured on ``max_steps`` steps, scaled)."""
-    import jax
-    import jax.numpy as jnp
-
-    from fslsage_jax.algorithms import steps
-    from fslsage_jax.algorithms.config import optimizer_for
-    from fslsage_jax.split import init_split
     B = cfg.batch_size
     opt = optimizer_for(cfg)
     (cv, fc), (sv, fs), _ = (v.shared() for v in init_split(split, jax.random.key(0)))
@@ -241,21 +223,13 @@ def time_limit(split, cfg, data, rounds: int, max_steps: int) -> dict:
 
 # ----------------------------------------------------------------------------- the sweep
 def estimate_bytes(algo_name, split, cfg, n_max) -> int:
-    """State plus data bytes of a config, from shapes only (nothing allocated)."""
-    import jax
-    import numpy as np
-
-    from fslsage_jax.algorithms import ALGORITHMS
-    from fslsage_jax.split import tree_bytes
-    shapes = jax.eval_shape(ALGORITHMS[algo_name](split, cfg, n_max).init, jax.random.key(0))
-    data = cfg.num_clients * n_max * (int(np.prod(split.input_shape)) * np.dtype(split.input_dtype).itemsize
-                                      + 4 * max(1, int(np.prod(split.label_shape))))
-    return tree_bytes(shapes) + data
+    """State plus client data bytes of a config, from shapes only (nothing allocated)."""
+    state, data, _, _ = abstract_inputs(algo_name, split, cfg, n_max, (0,))
+    return tree_bytes(state) + tree_bytes(data)
 
 
 def run_config(args, algo_name, model_name, shape, m, strategy, loop, models) -> dict:
     """Measure one configuration; returns a result row (with ``skipped`` set when not run)."""
-    from fslsage_jax.algorithms.config import Config
     split = models[model_name](shape, NUM_CLASSES)
     n = args.samples_per_client
     cfg = Config(num_clients=m, local_epochs=args.local_epochs, batch_size=args.batch_size,
@@ -300,11 +274,8 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['model']} | {shape} | {r['algo']} | {r['clients']} | {strat} | "
                          f"{r['step_loop']} | skipped: {r['skipped']} |||||||||")
             continue
-        loop_s = r.get("loop_round_s")
-        if loop_s is not None and r.get("loop_clients_measured", r["clients"]) < r["clients"]:
-            loop_s_txt = f"{loop_s:.3g}*"
-        else:
-            loop_s_txt = _fmt(loop_s)
+        scaled = r.get("loop_round_s") is not None and r["loop_clients_measured"] < r["clients"]
+        loop_s_txt = _fmt(r.get("loop_round_s")) + ("*" if scaled else "")
         lines.append(
             f"| {r['model']} | {shape} | {r['algo']} | {r['clients']} | {strat} | {r['step_loop']} | "
             f"{r['round_s']:.3g} | {r['compile_s']:.3g} | {r['samples_per_s']:.4g} | {loop_s_txt} | "
@@ -316,7 +287,6 @@ def markdown(rows: list[dict]) -> str:
 
 def environment() -> dict:
     """Device, versions, date: what a table needs to be read."""
-    import jax
     d = jax.devices()[0]
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
             "backend": jax.default_backend(), "device": getattr(d, "device_kind", str(d)),
@@ -344,7 +314,6 @@ PRESETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fslsage_jax.algorithms import ALGORITHMS
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Times the compiled round against a per-client Python "
         "loop of jitted steps and against centralised training of the same samples.",
@@ -352,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--algos", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS), help="algorithms to time")
     a("--models", nargs="+", default=None,
-      help="models as NAME[:HxWxC] from fslsage_jax.models.MODELS (plus cnn16, a narrow cnn); "
-           "default: cnn:8x8x1 cnn:32x32x3, and resnet18:32x32x3 when that model exists")
+      help="models as NAME[:HxWxC] from fslsage_jax.models.MODELS plus cnn16 (a narrow cnn) and "
+           "gpt2tiny[:LENGTH] (the tiny GPT-2); default: cnn:8x8x1 cnn:32x32x3 resnet18:32x32x3")
     a("--clients", nargs="+", type=int, default=[10, 100, 1000], help="numbers of clients m")
     a("--strategies", nargs="+", default=["vmap", "map", "chunked", "unroll"], choices=STRATEGIES,
       help="client-axis strategies (unroll only up to --unroll-max-clients)")
@@ -395,40 +364,37 @@ def parse(argv=None) -> argparse.Namespace:
             p.set_defaults(**PRESETS[name])
             args = p.parse_args(argv)
             break
-    if args.models is None:
-        from fslsage_jax.models import MODELS
-        args.models = ["cnn:8x8x1", "cnn:32x32x3"] + (["resnet18:32x32x3"] if "resnet18" in MODELS else [])
+    args.models = args.models or ["cnn:8x8x1", "cnn:32x32x3", "resnet18:32x32x3"]
     if args.samples_per_client % args.batch_size:
         p.error(f"--samples-per-client {args.samples_per_client} must be a multiple of --batch-size "
                 f"{args.batch_size}")
+    try:
+        args.specs = [parse_model(spec) for spec in args.models]
+    except ValueError:
+        p.error(f"--models {' '.join(args.models)}: expected NAME[:HxWxC] (images) or NAME[:LENGTH] "
+                "(token models), e.g. cnn:8x8x1")
+    unknown = [spec for spec, (name, _) in zip(args.models, args.specs) if name not in bench_models()]
+    if unknown:
+        p.error(f"unknown model {unknown[0]!r}; known: {sorted(bench_models())}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     models = bench_models()
-    for spec in args.models:
-        if parse_model(spec)[0] not in models:
-            print(f"error: unknown model {spec!r}; known: {sorted(models)}", file=sys.stderr)
-            return 2
     os.makedirs(args.out, exist_ok=True)
     env = environment()
     print(f"# {env['device']} ({env['backend']}, {env['device_count']} device(s)), jax {env['jax']}, "
           f"{env['date']}", flush=True)
     rows = []
-    for spec in args.models:
-        name, shape = parse_model(spec)
-        for m in args.clients:
-            for algo_name in args.algos:
-                for strategy in args.strategies:
-                    if strategy == "unroll" and m > args.unroll_max_clients:
-                        continue
-                    for loop in args.step_loops:
-                        row = run_config(args, algo_name, name, shape, m, strategy, loop, models)
-                        rows.append(row)
-                        print(markdown([row]).splitlines()[-1], flush=True)
-                        with open(os.path.join(args.out, "bench.json"), "w") as f:
-                            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    for (name, shape), m, algo_name, strategy, loop in itertools.product(
+            args.specs, args.clients, args.algos, args.strategies, args.step_loops):
+        if strategy == "unroll" and m > args.unroll_max_clients:
+            continue
+        rows.append(run_config(args, algo_name, name, shape, m, strategy, loop, models))
+        print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
     table = markdown(rows)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}\n\n"

@@ -17,122 +17,18 @@ import json
 import os
 import sys
 import textwrap
-from typing import NamedTuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
-from fslsage_jax.results import (ResultsError, format_table, gib_to_target, read_metrics,  # noqa: E402
-                                 record_gib, summarize)
+from fslsage_jax.results import (DEFAULT_TARGET, ResultsError, Run, algo_color,  # noqa: E402
+                                 algo_label, default_target, find_runs, format_table,
+                                 gib_to_target, load_run, series, summarize)
 
 # config.json keys that never distinguish one experiment from another in a label
 _LABEL_IGNORE = {"algo", "out", "overwrite", "no_progress", "describe", "data_dir", "config", "strategy",
                  "chunk_size", "step_loop", "jax_version", "backend", "client_sample_counts", "n_train",
                  "n_test", "num_classes", "input_shape", "target_accuracy", "comm_budget_gib"}
-DEFAULT_TARGET = 0.9
-
-
-class Run(NamedTuple):
-    """One run directory: its config.json, per-round records and summary.json (empty dicts if absent)."""
-    path: str
-    algo: str
-    config: dict
-    records: list
-    summary: dict
-
-
-# A problem with the inputs, reported as one line and exit status 2 (unreadable metrics included).
-PlotError = ResultsError
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def algo_rank(algo: str) -> int:
-    """Position of ``algo`` in ``ALGORITHMS`` (unknown names last)."""
-    return list(ALGORITHMS).index(algo) if algo in ALGORITHMS else len(ALGORITHMS)
-
-
-def algo_label(algo: str) -> str:
-    """The display name of ``algo`` (its own name if unknown)."""
-    return ALGORITHMS[algo].label if algo in ALGORITHMS else algo
-
-
-def algo_color(algo: str, i: int = 0) -> str:
-    """The colour of ``algo``'s curves (matplotlib's ``C<i>`` if it has none)."""
-    color = ALGORITHMS[algo].color if algo in ALGORITHMS else None
-    return color or f"C{i % 10}"
-
-
-def expand_run_dirs(paths: list[str]) -> list[str]:
-    """Run directories named by ``paths``: each is a run (has metrics.jsonl) or a parent of runs
-    (an ``--algo all`` or sweep directory; its sub-directories with metrics.jsonl, algorithms in the
-    usual order).
-
-    Raises:
-      PlotError: a path is not a directory or holds no metrics.jsonl at all.
-    """
-    out = []
-    for p in paths:
-        if not os.path.isdir(p):
-            raise PlotError(f"{p}: not a directory")
-        if os.path.isfile(os.path.join(p, "metrics.jsonl")):
-            out.append(p)
-            continue
-        subs = [os.path.join(p, d) for d in sorted(os.listdir(p))
-                if os.path.isfile(os.path.join(p, d, "metrics.jsonl"))]
-        if not subs:
-            raise PlotError(f"{p}: no metrics.jsonl in it or in its sub-directories")
-        out.extend(sorted(subs, key=lambda s: (algo_rank(os.path.basename(s)), s)))
-    return out
-
-
-def load_run(path: str) -> Run:
-    """Load one run directory (config.json and summary.json are optional, metrics.jsonl is not).
-
-    Raises:
-      PlotError: no metrics.jsonl, or no complete round in it.
-    """
-    mpath = os.path.join(path, "metrics.jsonl")
-    if not os.path.isfile(mpath):
-        raise PlotError(f"{path}: no metrics.jsonl (not a run directory of experiments/run.py)")
-    records = read_metrics(mpath)
-    if not records:
-        raise PlotError(f"{mpath}: no complete round recorded")
-    config = _read_json(os.path.join(path, "config.json"))
-    summary = _read_json(os.path.join(path, "summary.json"))
-    algo = config.get("algo") or summary.get("algo") or os.path.basename(os.path.normpath(path))
-    return Run(path, algo, config, records, summary)
-
-
-def accuracy_at_gib(gibs, accs, budget: float) -> float | None:
-    """Accuracy of the last round whose cumulative GiB is <= ``budget`` (None if the first round
-    already exceeds it). Rounds are assumed in order with non-decreasing GiB.
-
-    Args:
-      gibs: cumulative communication per round, in GiB.
-      accs: test accuracy per round.
-      budget: communication budget in GiB.
-    """
-    best = None
-    for g, a in zip(gibs, accs):
-        if g > budget * (1 + 1e-12):
-            break
-        best = float(a)
-    return best
-
-
-def series(run: Run) -> tuple[list[int], list[float], list[float]]:
-    """(rounds, cumulative GiB, test accuracy) of a run."""
-    rounds = [int(r.get("round", i)) for i, r in enumerate(run.records)]
-    gibs = [record_gib(r) for r in run.records]
-    accs = [float(r["test_accuracy"]) for r in run.records]
-    return rounds, gibs, accs
 
 
 def _fmt(v) -> str:
@@ -153,15 +49,6 @@ def run_labels(runs: list[Run]) -> list[str]:
     if len(set(labels)) < len(labels):
         labels = [f"{lab} [{os.path.basename(os.path.normpath(r.path))}]" for lab, r in zip(labels, runs)]
     return labels
-
-
-def default_target(runs: list[Run]) -> float:
-    """The target accuracy recorded by the runs (summary.json, else config.json), else 0.9."""
-    for r in runs:
-        t = r.summary.get("target_accuracy", r.config.get("target_accuracy"))
-        if t is not None:
-            return float(t)
-    return DEFAULT_TARGET
 
 
 def table(runs: list[Run], labels: list[str], target: float) -> str:
@@ -261,9 +148,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.target is not None and not 0 <= args.target <= 1:
-            raise PlotError(f"--target {args.target}: must be in [0, 1]")
-        runs = [load_run(d) for d in expand_run_dirs(args.runs)]
-    except PlotError as e:
+            raise ResultsError(f"--target {args.target}: must be in [0, 1]")
+        runs = [load_run(d) for d in find_runs(args.runs)]
+    except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     target = args.target if args.target is not None else default_target(runs)

@@ -21,23 +21,24 @@ import sys
 import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
+from fslsage_jax.results import (ResultsError, accuracy_at_gib, algo_color, algo_label,  # noqa: E402
+                                 algo_rank, default_target, load_run, series, summarize)
+
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+ALGOS = tuple(ALGORITHMS)
+_RESERVED = ("--algo", "--distribution", "--alpha", "--out", "--overwrite")
 
 
-def _load(name: str):
-    """Import experiments/<name>.py as a module (the experiments dir is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_fslsage_experiments_{name}",
-                                                  os.path.join(HERE, f"{name}.py"))
+def _run_main():
+    """``main`` of experiments/run.py, the CLI whose flags the sweep passes on (a script, not a
+    package module: loaded from its file)."""
+    spec = importlib.util.spec_from_file_location("_fslsage_experiments_run", os.path.join(HERE, "run.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
-
-
-plot = _load("plot")
-from fslsage_jax.results import gib_to_target  # noqa: E402 (importable once plot set sys.path)
-
-ALGOS = tuple(plot.ALGORITHMS)
-_RESERVED = ("--algo", "--distribution", "--alpha", "--out", "--overwrite")
+    return mod.main
 
 
 def alpha_dir(out: str, alpha: float, algo: str) -> str:
@@ -80,7 +81,7 @@ def discover(out: str) -> list[tuple[float, str, str]]:
             run_dir = os.path.join(out, d, algo)
             if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
                 found.append((alpha, algo, run_dir))
-    return sorted(found, key=lambda t: (plot.algo_rank(t[1]), t[1], t[0]))
+    return sorted(found, key=lambda t: (algo_rank(t[1]), t[1], t[0]))
 
 
 def collect(found: list[tuple[float, str, str]], at_gib: float | None,
@@ -91,23 +92,19 @@ def collect(found: list[tuple[float, str, str]], at_gib: float | None,
     Returns:
       the sweep.json dict: at_gib, target_accuracy, algos, alphas, results (one dict per run).
     """
-    runs = [(alpha, algo, plot.load_run(d)) for alpha, algo, d in found]
+    runs = [(alpha, algo, load_run(d)) for alpha, algo, d in found]
     if not runs:
-        raise plot.PlotError("no runs with metrics.jsonl found")
+        raise ResultsError("no runs with metrics.jsonl found")
     done = [r for _, _, r in runs if r.summary] or [r for _, _, r in runs]  # a run still going: ignored
-    budget = float(at_gib) if at_gib is not None else min(plot.series(r)[1][-1] for r in done)
-    tgt = target if target is not None else plot.default_target([r for _, _, r in runs])
+    budget = float(at_gib) if at_gib is not None else min(series(r)[1][-1] for r in done)
+    tgt = target if target is not None else default_target([r for _, _, r in runs])
     results = []
     for alpha, algo, r in runs:
-        _, gibs, accs = plot.series(r)
-        results.append({
-            "alpha": alpha, "algo": algo, "dir": r.path,
-            "accuracy_at_gib": plot.accuracy_at_gib(gibs, accs, budget),
-            "final_accuracy": accs[-1], "best_accuracy": max(accs), "total_gib": gibs[-1],
-            "gib_to_target": gib_to_target(r.records, tgt), "rounds_run": len(accs),
-            "stop_reason": r.summary.get("stop_reason", "incomplete"),
-        })
-    algos = sorted({x["algo"] for x in results}, key=lambda a: (plot.algo_rank(a), a))
+        _, gibs, accs = series(r)
+        results.append({"alpha": alpha, "algo": algo, "dir": r.path,
+                        "accuracy_at_gib": accuracy_at_gib(gibs, accs, budget), **summarize(r.records, tgt),
+                        "stop_reason": r.summary.get("stop_reason", "incomplete")})
+    algos = sorted({x["algo"] for x in results}, key=lambda a: (algo_rank(a), a))
     return {"at_gib": budget, "target_accuracy": tgt, "algos": algos,
             "alphas": sorted({x["alpha"] for x in results}), "results": results}
 
@@ -126,7 +123,7 @@ def format_md(sweep: dict) -> str:
         for a in alphas:
             v = cell.get((algo, a), "")
             vals.append("" if v == "" else "-" if v is None else f"{v:.4f}")
-        rows.append(f"| {plot.algo_label(algo)} | " + " | ".join(vals) + " |")
+        rows.append(f"| {algo_label(algo)} | " + " | ".join(vals) + " |")
     return "\n".join(rows)
 
 
@@ -142,7 +139,7 @@ def plot_sweep(sweep: dict, out: str, title: str | None = None) -> str:
                      if x["algo"] == algo and x["accuracy_at_gib"] is not None)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.5,
-                    color=plot.algo_color(algo, i), label=plot.algo_label(algo))
+                    color=algo_color(algo, i), label=algo_label(algo))
     ax.set_xscale("log")
     ax.set_xlabel("Dirichlet alpha (smaller = more heterogeneous)")
     ax.set_ylabel(f"test accuracy at {sweep['at_gib']:.3g} GiB")
@@ -212,7 +209,7 @@ def main(argv=None) -> int:
     failures = []
     if args.plot_only is None:
         os.makedirs(out, exist_ok=True)
-        run_main = _load("run").main
+        run_main = _run_main()
         for alpha in args.alphas:
             for algo in args.algos:
                 status, err = run_one(run_main, alpha_dir(out, alpha, algo), algo, alpha, extra)
@@ -224,7 +221,7 @@ def main(argv=None) -> int:
         return 2
     try:
         sweep = collect(discover(out), args.at_gib)
-    except plot.PlotError as e:
+    except ResultsError as e:
         print(f"error: {out}: {e}", file=sys.stderr)
         return 2
     sweep["failed"] = failures

@@ -1,7 +1,7 @@
 """Checkpoints of a simulation run, written so that a kill at any moment loses nothing.
 
 A checkpoint is a directory ``RUN_DIR/checkpoints/round_000010/`` holding the
-simulation :class:`~fslsage_jax.algorithms.engine.State` (every array leaf:
+algorithm's state pytree (every array leaf:
 client, server and auxiliary parameters, optimizer states, BatchNorm
 statistics, alignment buffers, the round counter) saved with orbax, and
 ``meta.json`` (completed rounds, the communication ledger, accumulated wall

@@ -45,7 +45,9 @@ def resolve_devices(devices: int | str | None) -> list:
         return all_devices
     n = int(devices)
     if n < 0 or n > len(all_devices):
-        raise ValueError(f"devices={n}: {len(all_devices)} {jax.default_backend()} device(s) available")
+        hint = (f" (on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting)"
+                if jax.default_backend() == "cpu" else "")
+        raise ValueError(f"devices={n}: {len(all_devices)} {jax.default_backend()} device(s) available{hint}")
     return all_devices[:n]
 
 

@@ -55,8 +55,27 @@ def test_presets_and_explicit_flags():
     assert args.clients == [7] and args.batch_size == 8 and args.algos == ["fsl_sage"]
     assert bench.parse_model("cnn:8x8x1") == ("cnn", (8, 8, 1))
     assert bench.parse_model("cnn") == ("cnn", (32, 32, 3))
+    assert bench.parse_model("gpt2tiny") == ("gpt2tiny", (64,))         # a sequence length
+    with pytest.raises(ValueError):
+        bench.parse_model("cnn:8x8")
     with pytest.raises(SystemExit):
         bench.parse(["--samples-per-client", "33", "--batch-size", "32"])
+    for bad in ("cnn:8xAx1", "nosuchmodel"):                           # refused before any work
+        with pytest.raises(SystemExit) as e:
+            bench.parse(["--tiny", "--models", bad])
+        assert e.value.code == 2
+
+
+def test_synthetic_clients_are_the_library_synthetic_data():
+    from fslsage_jax.data import make_synthetic
+    from fslsage_jax.models import make_cnn
+    data = bench.synthetic(make_cnn((8, 8, 1), 10), 3, 4, seed=5)
+    assert data.x.shape == (3, 4, 8, 8, 1) and data.y.shape == (3, 4) and list(data.counts) == [4, 4, 4]
+    ds = make_synthetic(5, n_train=12, n_test=0, shape=(8, 8, 1))
+    # every client sample is one of the 12 library samples, each used once, with its label
+    rows = {tuple(np.asarray(x).ravel()): int(y) for x, y in zip(ds.x_train, ds.y_train)}
+    got = [(tuple(np.asarray(x).ravel()), int(y)) for x, y in zip(data.x.reshape(12, -1), data.y.ravel())]
+    assert sorted(rows.items()) == sorted(got)
 
 
 def test_help_runs():

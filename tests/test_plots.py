@@ -1,5 +1,5 @@
-"""experiments/plot.py and experiments/sweep.py: helpers on hand numbers, figures from fake run
-directories, and one tiny real sweep through run.py on digits."""
+"""experiments/plot.py and experiments/sweep.py: labels and figures from fake run directories,
+and one tiny real sweep through run.py on digits (the reading of runs: tests/test_results.py)."""
 import json
 import os
 import sys
@@ -11,11 +11,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import plot
 import sweep
 
-from fslsage_jax.results import gib_to_target
-
-
-def _recs(gibs, accs):
-    return [{"test_accuracy": a, "comm_gib": g} for g, a in zip(gibs, accs)]
+from fslsage_jax.results import load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,38 +40,10 @@ def is_png(path):
     return head == PNG_MAGIC and os.path.getsize(path) > 5000
 
 
-def test_gib_to_target_hand_numbers():
-    gibs, accs = [0.1, 0.2, 0.3, 0.4], [0.5, 0.79, 0.81, 0.9]
-    assert gib_to_target(_recs(gibs, accs), 0.8) == 0.3
-    assert gib_to_target(_recs(gibs, accs), 0.79) == 0.2   # reaching counts (>=)
-    assert gib_to_target(_recs(gibs, accs), 0.5) == 0.1
-    assert gib_to_target(_recs(gibs, accs), 0.95) is None
-    # the first crossing, not the last, when accuracy dips again
-    assert gib_to_target(_recs([1, 2, 3], [0.9, 0.7, 0.95]), 0.85) == 1.0
-
-
-def test_accuracy_at_gib_hand_numbers():
-    gibs, accs = [0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.55, 0.9]
-    assert plot.accuracy_at_gib(gibs, accs, 0.25) == 0.6   # last round with GiB <= 0.25, not the best
-    assert plot.accuracy_at_gib(gibs, accs, 0.3) == 0.55   # boundary is inclusive
-    assert plot.accuracy_at_gib(gibs, accs, 10.0) == 0.9
-    assert plot.accuracy_at_gib(gibs, accs, 0.05) is None
-
-
-def test_read_metrics_skips_truncated_last_line_only(tmp_path):
-    d = fake_run(str(tmp_path / "r"), "fed_avg", [0.5, 0.6], [0.1, 0.2], truncate=True)
-    recs = plot.read_metrics(os.path.join(d, "metrics.jsonl"))
-    assert [r["test_accuracy"] for r in recs] == [0.5, 0.6]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"round": 0}\n{broken\n{"round": 2}\n')
-    with pytest.raises(plot.PlotError, match="line 2"):
-        plot.read_metrics(str(bad))
-
-
 def test_labels_add_differing_config_only(tmp_path):
-    a = plot.load_run(fake_run(str(tmp_path / "a"), "fsl_sage", [0.5], [0.1], alpha=1.0))
-    b = plot.load_run(fake_run(str(tmp_path / "b"), "cse_fsl", [0.5], [0.1], alpha=1.0))
-    c = plot.load_run(fake_run(str(tmp_path / "c"), "fsl_sage", [0.5], [0.1], alpha=100.0))
+    a = load_run(fake_run(str(tmp_path / "a"), "fsl_sage", [0.5], [0.1], alpha=1.0))
+    b = load_run(fake_run(str(tmp_path / "b"), "cse_fsl", [0.5], [0.1], alpha=1.0))
+    c = load_run(fake_run(str(tmp_path / "c"), "fsl_sage", [0.5], [0.1], alpha=100.0))
     assert plot.run_labels([a, b]) == ["FSL-SAGE", "CSE-FSL"]          # "out" differs but is ignored
     assert plot.run_labels([a, c]) == ["FSL-SAGE (alpha=1)", "FSL-SAGE (alpha=100)"]
 

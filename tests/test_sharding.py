@@ -130,8 +130,11 @@ def test_parse_and_resolve_devices():
         sharding.parse_devices("-1")
     assert sharding.resolve_devices("auto") == jax.devices()
     assert len(sharding.resolve_devices(1)) == 1
-    with pytest.raises(ValueError, match="device"):
-        sharding.resolve_devices(jax.device_count() + 1)
+    n = jax.device_count() + 1
+    with pytest.raises(ValueError, match=f"devices={n}: {n - 1} {jax.default_backend()} device") as e:
+        sharding.resolve_devices(n)
+    if jax.default_backend() == "cpu":                                   # the hint for CPU users
+        assert f"XLA_FLAGS=--xla_force_host_platform_device_count={n}" in str(e.value)
 
 
 def test_server_copies_are_client_state_and_a_shared_server_is_not():
