@@ -54,7 +54,8 @@ from fslsage_jax.experiment import synthetic_shape  # noqa: E402
 from fslsage_jax.memory import abstract_inputs  # noqa: E402
 from fslsage_jax.models import GPT2_TINY, MODELS, make_gpt2  # noqa: E402
 from fslsage_jax.models.cnn import CNNClient, CNNServer, LinearAux  # noqa: E402
-from fslsage_jax.sharding import shard_all  # noqa: E402
+from fslsage_jax.sharding import client_mesh, shard_data, shard_state, state_sharding  # noqa: E402
+from fslsage_jax import checkpoint  # noqa: E402
 from fslsage_jax.split import SplitModel, init_split, tree_bytes  # noqa: E402
 
 STRATEGIES = ("vmap", "map", "chunked", "unroll")
@@ -118,11 +119,10 @@ def memory_now() -> dict:
             "memory_source": "process RSS (CPU: no device memory stats)"}
 
 
-def state_bytes(state, algo_name: str, m: int, cfg) -> dict:
-    """Bytes of the state per client (fields with a client axis, divided by m) and shared."""
-    per = set(ALGORITHMS[algo_name].fields(cfg))
-    client = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f in per and v is not None)
-    shared = sum(tree_bytes(v) for f, v in zip(state._fields, state) if f not in per and v is not None)
+def state_bytes(state, m: int) -> dict:
+    """Bytes of the state per client (``state.clients``, divided by m) and shared (the rest)."""
+    client = tree_bytes(state.clients)
+    shared = tree_bytes(checkpoint.strip_frozen(state)._replace(clients=None)) + tree_bytes(state.frozen)
     return {"state_bytes_per_client": client / m, "state_bytes_shared": shared,
             "state_bytes_total": client + shared}
 
@@ -135,12 +135,13 @@ def _block(tree):
 def time_engine(algo_name, split, cfg, data, rounds: int, devices=1) -> dict:
     """Time ``rounds`` steady rounds of the compiled engine after one warm-up round."""
     n_max = data.x.shape[1]
-    algo = ALGORITHMS[algo_name](split, cfg, n_max)
+    mesh = client_mesh(devices) if devices != 1 else None
+    algo = ALGORITHMS[algo_name](split, cfg, n_max, mesh and state_sharding(mesh))
     mem0 = memory_now()
     state = _block(algo.init(jax.random.key(0)))
-    if devices != 1:
-        state, data, algo = shard_all(ALGORITHMS[algo_name].fields(cfg), algo, state, data, devices)
-    sizes = state_bytes(state, algo_name, cfg.num_clients, cfg)
+    if mesh is not None:
+        state, data = shard_state(state, mesh), shard_data(data, mesh)
+    sizes = state_bytes(state, cfg.num_clients)
     t0 = time.perf_counter()
     state, _ = algo.run_round(state, data, jax.random.key(1))
     _block(state)

@@ -38,7 +38,7 @@ def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int
     from fslsage_jax.algorithms.config import Config
     from fslsage_jax.data import make_synthetic, partition, to_client_arrays
     from fslsage_jax.models import make_cnn
-    from fslsage_jax.population import Population, bytes_per_client
+    from fslsage_jax.population import Cohort, bytes_per_client
 
     t0 = time.time()
     ds = make_synthetic(seed=seed, n_train=population * samples, n_test=256, shape=(8, 8, 1))
@@ -50,17 +50,19 @@ def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int
     defn = ALGORITHMS["fsl_sage"]
     algo = defn(split, cfg, clients.x.shape[1])
     state = jax.jit(algo.init)(jax.random.key(seed))
-    pop = Population(defn, cfg, clients, cohort, seed)
-    pop.attach(state)
+    pop = Cohort(clients, cohort, seed)
+    pop.start(state)
     times, acc = [], None
     for t in range(rounds):
         t1 = time.time()
-        state, acc = pop.run_round(algo.run_round, state, jax.random.key(100 + t), t)
+        state, data = pop.inputs(state, t)
+        state, acc = algo.run_round(state, data, jax.random.key(100 + t))
+        pop.write_back(state)
         times.append(time.time() - t1)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    per_client = sum(bytes_per_client(defn, cfg, state).values())
+    per_client = bytes_per_client(state)
     return {"population": population, "cohort": cohort, "rounds": rounds,
             "samples_per_client": samples, "align_buffer_size": buffer, "backend": dev.platform,
             "first_round_s": times[0], "s_per_round": float(np.mean(times[1:])) if rounds > 1 else None,
@@ -85,8 +87,8 @@ def bytes_table() -> str:
     models = [("cnn, digits 8x8x1", "cnn", (8, 8, 1), 10), ("cnn, 32x32x3", "cnn", (32, 32, 3), 10),
               ("resnet18, 32x32x3", "resnet18", (32, 32, 3), 10)]
     base = Config(num_clients=1, align_buffer_size=1000, align_batch_size=1000)   # the paper's buffer
-    head = "| algorithm | kept per client | " + " | ".join(m[0] for m in models) + " |"
-    rows = [head, "|---|---|" + "---|" * len(models)]
+    head = "| algorithm | " + " | ".join(m[0] for m in models) + " |"
+    rows = [head, "|---|" + "---|" * len(models)]
     variants = []
     for name, defn in ALGORITHMS.items():       # variants from the settings each algorithm reads
         if "align_buffer_size" in defn.uses:
@@ -98,14 +100,12 @@ def bytes_table() -> str:
         if "fedavg_server" in defn.uses:
             variants.append((f"{name} (--fedavg-server shared)", defn, replace(base, fedavg_server="shared")))
     for name, defn, cfg in variants:
-        cells, what = [], None
+        cells = []
         for _, model, shape, classes in models:
             split = MODELS[model](shape, classes)
-            state = jax.eval_shape(defn(split, cfg, 8).init, jax.random.key(0))
-            b = bytes_per_client(defn, cfg, state)
-            what = ", ".join(b)
-            cells.append(f"{sum(b.values()):,} B ({sum(b.values()) / 2 ** 20:.2f} MiB)")
-        rows.append(f"| {name} | {what} | " + " | ".join(cells) + " |")
+            b = bytes_per_client(jax.eval_shape(defn(split, cfg, 8).init, jax.random.key(0)))
+            cells.append(f"{b:,} B ({b / 2 ** 20:.2f} MiB)")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
