@@ -3,7 +3,8 @@ experiment's test set (not on training samples). Built and run through the publi
 ``fslsage_jax.experiment`` API; the reference is a plain flax forward pass in eval mode on
 ``exp.dataset.x_test`` with numpy cross-entropy and accuracy. The built digits experiment's
 CNN is swapped for conftest's dense toy parts (8x8 inputs flattened, 10 classes) so that it
-compiles in seconds; data, partition and the run are the experiment's."""
+compiles in seconds, and its test images are inverted (1 - x) so that no training sample
+looks like them; data, partition and the run are otherwise the experiment's."""
 import dataclasses
 
 import jax
@@ -32,9 +33,13 @@ def metrics_np(split, cv, sv, x, y):
 def test_reported_test_metrics_are_the_global_models_on_the_test_set():
     exp = build(CFG, log=None)
     toy = SplitModel("toy", ToyClient(), ToyServer(10), ToyAux(10), exp.split.input_shape, 10)
+    inverted = exp.dataset._replace(x_test=1.0 - exp.dataset.x_test)
     final = {}
-    exp = dataclasses.replace(exp, split=toy, on_finish=lambda algo, state: final.update(
-        model=jax.tree_util.tree_map(np.asarray, algo.global_model(state))) or {})
+
+    def keep_model(algo, state):
+        final["model"] = jax.tree_util.tree_map(np.asarray, algo.global_model(state))
+        return {}
+    exp = dataclasses.replace(exp, split=toy, dataset=inverted, on_finish=keep_model)
     [summary] = run(exp)
     cv, sv = final["model"]
     ds = exp.dataset
@@ -42,6 +47,7 @@ def test_reported_test_metrics_are_the_global_models_on_the_test_set():
     loss, acc = metrics_np(exp.split, cv, sv, ds.x_test, ds.y_test)
     assert abs(summary["final_test_loss"] - loss) < 1e-4 * max(1.0, loss), (summary["final_test_loss"], loss)
     assert abs(summary["final_accuracy"] - acc) < 1e-6, (summary["final_accuracy"], acc)
-    # the training samples would give other numbers (else this test could not tell them apart)
+    # the training samples give other numbers (else this test could not tell them apart);
+    # measured for seeds 0-2: differences of 0.12-0.17 (0.008-0.03 without the inversion)
     tr_loss, _ = metrics_np(exp.split, cv, sv, ds.x_train[:60], ds.y_train[:60])
     assert abs(tr_loss - loss) > 100 * 1e-4 * max(1.0, loss), (tr_loss, loss)
