@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fslsage_jax import checkpoint  # noqa: E402
 from fslsage_jax import experiment as ex  # noqa: E402
+from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
+from fslsage_jax.memory import DeviceMemoryError  # noqa: E402
 from fslsage_jax.presets import PRESETS, preset_defaults  # noqa: E402
 from fslsage_jax.results import format_table  # noqa: E402
 from fslsage_jax.runtime import configure_runtime  # noqa: E402
@@ -198,9 +200,30 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     a("--num-processes", "number of processes", g)
     a("--process-id", "this process, 0..N-1; only process 0 writes files", g)
     a("--distributed-timeout", "seconds to wait for the coordinator before exit 2", g)
+    declared = {}                                  # hyperparameters algorithms declare themselves
+    for name, algo in ALGORITHMS.items():
+        for hp, h in algo.hyperparams.items():
+            declared.setdefault(hp, (h, []))[1].append(name)
+    if declared:
+        g = p.add_argument_group("hyperparameters declared by algorithms (AlgorithmDef.hyperparams)")
+        for hp, (h, owners) in sorted(declared.items()):
+            g.add_argument("--" + hp.replace("_", "-"), dest=HP_PREFIX + hp, default=None,
+                           type=type(h.default), help=f"{h.help} ({', '.join(owners)}; default {h.default})")
     if preset is not None:
         p.set_defaults(**preset_defaults(preset))
     return p
+
+
+HP_PREFIX = "hp__"
+OUT_OF_MEMORY = 4          # exit code: a program did not fit in device memory (as --memory-plan)
+
+
+def experiment_config(args: argparse.Namespace) -> ex.ExperimentConfig:
+    """The :class:`ExperimentConfig` of parsed arguments (declared hyperparameters given on the
+    command line go to ``algo_params``)."""
+    v = vars(args)
+    params = tuple(sorted((k[len(HP_PREFIX):], x) for k, x in v.items() if k.startswith(HP_PREFIX) and x is not None))
+    return ex.ExperimentConfig(**{k: x for k, x in v.items() if not k.startswith(HP_PREFIX)}, algo_params=params)
 
 
 def preset_of(argv: list[str]) -> str | None:
@@ -216,7 +239,11 @@ def explicit_flags(argv: list[str]) -> dict:
     p = build_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
-    return vars(p.parse_args(argv))
+    given = vars(p.parse_args(argv))
+    if any(k.startswith(HP_PREFIX) for k in given):
+        given = {k: v for k, v in given.items() if not k.startswith(HP_PREFIX)}
+        given["algo_params"] = experiment_config(build_parser().parse_args(argv)).algo_params
+    return given
 
 
 def err(msg: str) -> None:
@@ -266,7 +293,7 @@ def main(argv=None) -> int:
         err(f"preset {preset}: " + ", ".join(f"{flag(k)} {v}" + (
             f" (overridden: {given[k]})" if k in given else "") for k, v in preset_defaults(preset).items()))
     try:
-        cfg = ex.ExperimentConfig(**vars(args))
+        cfg = experiment_config(args)
         if cfg.resume:
             cfg = ex.resume_config(cfg, given)
         ex.validate(cfg, given)
@@ -292,6 +319,10 @@ def main(argv=None) -> int:
             stop.restore()
     except ex.ConfigError as e:
         fail(e)
+    except DeviceMemoryError as e:
+        err(f"error: {e}: run --memory-plan to see every program's memory, or lower --batch-size, "
+            f"--align-client-chunk or --eval-batch-size (checkpoints written so far are kept in {out})")
+        return OUT_OF_MEMORY
     if summaries and all(s["rounds_run"] > 0 for s in summaries):
         print(format_table(summaries, cfg.target_accuracy))
     return exit_code(summaries, stop)

@@ -18,6 +18,7 @@ time (a minute or more for GPT-2 medium on a CPU); nothing runs.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -29,6 +30,33 @@ from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate, resolve_c
 from fslsage_jax.split import SplitModel, tree_bytes
 
 GIB = 2 ** 30
+
+
+class DeviceMemoryError(MemoryError):
+    """A program of the run did not fit in device memory.
+
+    Attributes:
+      program: which one (``"round step"``, ``"evaluation"``, ...).
+      nbytes: the bytes it asked for (None when the backend did not say).
+    """
+
+    def __init__(self, program: str, nbytes: int | None, detail: str):
+        self.program, self.nbytes, self.detail = program, nbytes, detail
+        asked = f"{nbytes:,} bytes ({nbytes / GIB:.2f} GiB)" if nbytes else "an allocation"
+        super().__init__(f"the {program} program asked for {asked} and did not fit in device memory")
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory")
+_BYTES = re.compile(r"allocating (\d+) bytes|(\d+) bytes")
+
+
+def as_memory_error(e: Exception, program: str) -> DeviceMemoryError | None:
+    """``e`` as a :class:`DeviceMemoryError` if it is XLA's out-of-memory error, else None."""
+    text = str(e)
+    if not isinstance(e, jax.errors.JaxRuntimeError) or not _OOM.search(text):
+        return None
+    m = _BYTES.search(text)
+    return DeviceMemoryError(program, int(m.group(1) or m.group(2)) if m else None, text.splitlines()[0][:300])
 
 
 def _stats(compiled) -> dict:

@@ -30,6 +30,7 @@ truncates ``metrics.jsonl`` to its rounds and continues; round keys are
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -48,6 +49,7 @@ from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import make_evaluate, resolve_config
 from fslsage_jax.comm import KINDS, Ledger, round_bytes, sizes_of
+from fslsage_jax.memory import as_memory_error
 from fslsage_jax.population import AllClients, Cohort, fetch
 from fslsage_jax.records import (json_safe, round_record, summarize_run, truncate_metrics,
                                  write_json_atomic)
@@ -186,6 +188,18 @@ class Result(NamedTuple):
     algorithm: Any
 
 
+@contextlib.contextmanager
+def _program(name: str):
+    """Re-raise XLA's out-of-memory error inside as a :class:`DeviceMemoryError` naming ``name``."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        err = as_memory_error(e, name)
+        if err is None:
+            raise
+        raise err from e
+
+
 def _writer() -> bool:
     """Whether this process writes files (process 0 of a multi-process run)."""
     return jax.process_index() == 0
@@ -262,6 +276,8 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
       a :class:`Result`.
     Raises:
       ValueError: ``task.cfg.num_clients`` disagrees with the client data.
+      fslsage_jax.memory.DeviceMemoryError: a program did not fit in device memory (the
+        checkpoints written so far are kept).
     """
     t_start = time.time()
     defn = ALGORITHMS[algorithm] if isinstance(algorithm, str) else algorithm
@@ -314,7 +330,8 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
             stop_reason = "comm_budget"
         for t in range(first, opts.rounds if stop_reason == "rounds" else first):
             state, data = part.inputs(state, t)
-            state, acc = algo.run_round(state, data, jax.random.fold_in(round_key, t))
+            with _program("round (local steps, server, alignment)"):
+                state, acc = algo.run_round(state, data, jax.random.fold_in(round_key, t))
             part.write_back(state)
             pending.append((t, acc, tree_all_finite(checkpoint.strip_frozen(state))))
             last = t + 1 == opts.rounds
@@ -327,7 +344,8 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
             # one sync: the pending rounds' counters, finiteness flags and the evaluation
             jax.block_until_ready([acc for _, acc, _ in pending])
             t0 = time.time()
-            test = evaluate(*algo.global_model(state), test_x, test_y) if evaluate_now else None
+            with _program("evaluation"):
+                test = evaluate(*algo.global_model(state), test_x, test_y) if evaluate_now else None
             eval_time = time.time() - t0 if evaluate_now else 0.0
             fetched = jax.device_get([(acc, fin) for _, acc, fin in pending])
             round_time = (t0 - t_sync) / len(pending)

@@ -132,3 +132,25 @@ def test_undeclared_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="no hyperparameter proximal_wieght"):
         fj.train(FEDPROX_SPLIT, split, clients, test,
                  fj.Config(num_clients=M, params=(("proximal_wieght", 1.0),)), rounds=1)
+
+
+def test_the_cli_derives_a_flag_from_a_declared_hyperparameter(monkeypatch):
+    import importlib.util
+    import os
+    from fslsage_jax import algorithms
+    from fslsage_jax.experiment import ConfigError, ExperimentConfig, algorithm_config, validate
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("cli_run", os.path.join(root, "experiments", "run.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setitem(algorithms.ALGORITHMS, FEDPROX_SPLIT.name, FEDPROX_SPLIT)
+    monkeypatch.setattr(cli, "ALGORITHMS", algorithms.ALGORITHMS)
+    parser = cli.build_parser()
+    assert "--proximal-weight" in parser.format_help() and "mu of the proximal term" in parser.format_help()
+    cfg = cli.experiment_config(parser.parse_args(["--algo", "fedprox_split", "--proximal-weight", "0.25"]))
+    assert cfg.algo_params == (("proximal_weight", 0.25),)
+    assert algorithm_config(cfg).params == (("proximal_weight", 0.25),)
+    validate(cfg)
+    import pytest
+    with pytest.raises(ConfigError, match="not used by"):     # another algorithm cannot read it
+        validate(ExperimentConfig(algo="fed_avg", algo_params=(("proximal_weight", 0.25),)))

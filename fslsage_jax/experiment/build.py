@@ -14,7 +14,8 @@ from fslsage_jax import memory
 from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.lifting import auto_strategy
 from fslsage_jax.data import partition, to_client_arrays
-from fslsage_jax.experiment.config import TASK_FIELDS, ExperimentConfig, algorithm_config, run_devices
+from fslsage_jax.experiment.config import (TASK_FIELDS, ExperimentConfig, algorithm_config, algorithm_params,
+                                           run_devices)
 from fslsage_jax.experiment.errors import ConfigError
 from fslsage_jax.experiment.rundir import EXPERIMENT_CONFIG, USER_OBJECTS, prepare_out, resume_plan, write_run_config
 from fslsage_jax.experiment.tasks import BUILTIN_DATASETS, dataset_sizes, load_task, make_split
@@ -113,7 +114,8 @@ def start_distributed(cfg: ExperimentConfig) -> None:
 def _simulate(exp: Experiment, name: str, run_dir: str | None, resume: bool, stop_requested, log) -> dict:
     """One algorithm's run: the one call into the host loop."""
     cfg = exp.config
-    task = Task(exp.split, exp.algo_config, exp.clients, exp.dataset.x_test, exp.dataset.y_test,
+    algo_cfg = dataclasses.replace(exp.algo_config, params=algorithm_params(exp.algo_config.params, name))
+    task = Task(exp.split, algo_cfg, exp.clients, exp.dataset.x_test, exp.dataset.y_test,
                 exp.frozen, exp.on_finish)
     return run_simulation(name, task, RunOptions(
         rounds=cfg.rounds, seed=cfg.seed, comm_budget_bytes=int(cfg.comm_budget_gib * 2 ** 30),

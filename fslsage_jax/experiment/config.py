@@ -63,6 +63,7 @@ class ExperimentConfig:
     aux_weight_decay: float = _ALG.aux_weight_decay
     warm_start: int = _ALG.warm_start
     fedavg_server: str = _ALG.fedavg_server
+    algo_params: tuple = ()       # (name, value) of hyperparameters algorithms declare (AlgorithmDef.hyperparams)
     eval_batch_size: int = _may_differ(_ALG.eval_batch_size)
     distribution: str = _task("iid")
     alpha: float = _task(1.0)
@@ -140,8 +141,15 @@ def set_by_user(cfg: ExperimentConfig) -> set[str]:
 
 
 def algorithm_config(cfg: ExperimentConfig) -> Config:
-    """The algorithms' :class:`Config` from the settings of the same names (``strategy`` resolved)."""
-    return Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if hasattr(cfg, f.name)})
+    """The algorithms' :class:`Config` from the settings of the same names (``strategy`` resolved),
+    ``params`` from ``algo_params``."""
+    return Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config) if hasattr(cfg, f.name)},
+                  params=tuple(cfg.algo_params))
+
+
+def algorithm_params(params: tuple, algo: str) -> tuple:
+    """The ``(name, value)`` pairs of ``params`` that algorithm ``algo`` declares."""
+    return tuple((k, v) for k, v in params if k in ALGORITHMS[algo].hyperparams)
 
 
 def run_devices(cfg: ExperimentConfig):

@@ -144,3 +144,10 @@ def check_effective(cfg: ExperimentConfig, explicit: set[str]) -> None:
             if dest not in ALGORITHMS[cfg.algo].uses:
                 users = [n for n, a in ALGORITHMS.items() if dest in a.uses]
                 refuse(dest, "not used by {algo} {} (only by {})", cfg.algo, ", ".join(users))
+    for name, value in cfg.algo_params:         # hyperparameters algorithms declare themselves
+        owners = [n for n, a in ALGORITHMS.items() if name in a.hyperparams]
+        if not owners:
+            raise ConfigError("{} {}: no algorithm declares it", name, value, field=name)
+        if cfg.algo in ALGORITHMS and cfg.algo not in owners:
+            raise ConfigError("{} {}: not used by {algo} {} (only by {})", name, value, cfg.algo,
+                              ", ".join(owners), field=name)
