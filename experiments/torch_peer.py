@@ -8,7 +8,7 @@ usual per-client PyTorch loop, timed on the same data. A performance reference o
 Prints one JSON object: per-round times (ordinary and alignment rounds), evaluation time,
 whole-process time, final test accuracy and loss.
 
-Written from the behaviour contract (docs / SPEC: FSL-SAGE, Nair et al., ICML 2025), not
+Written from the behaviour contract (docs/semantics.md: FSL-SAGE, Nair et al., ICML 2025), not
 from the authors' code:
 - model (``simple_conv``): client conv5x5(64, same) ReLU, max-pool 3x3/2 (pad 1), LRN(4),
   conv5x5(64) ReLU, LRN, max-pool, flatten; server dense 384-192-classes; auxiliary one

@@ -8,7 +8,7 @@ with the fed server); each algorithm declares the size of the model it
 exchanges (``AlgorithmDef.model_bytes``). Byte sizes come from shapes and
 dtypes; all arithmetic here is in exact Python integers.
 
-The per-algorithm rules (SPEC's table: which messages each algorithm sends and how
+The per-algorithm rules (docs/semantics.md's table: which messages each algorithm sends and how
 large its per-round model is) live with the algorithms (``AlgorithmDef``); this
 module knows message kinds, not algorithms.
 

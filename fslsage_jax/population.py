@@ -43,6 +43,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from fslsage_jax import sharding
 from fslsage_jax.algorithms.engine import ClientArrays
 
 STORE_FILE = "population.npz"
@@ -190,11 +191,6 @@ def fetch(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def host_int(x: jax.Array) -> int:
-    """A replicated device scalar as a Python int (this process's copy)."""
-    return int(np.asarray(x.addressable_data(0)) if jax.process_count() > 1 else jax.device_get(x))
-
-
 class AllClients:
     """Full participation: every client takes part in every round, the whole state and
     the clients' data stay on the device.
@@ -305,3 +301,20 @@ def bytes_per_client(state: Any) -> int:
     axis (shapes only: works on ``jax.eval_shape`` output)."""
     return int(sum(np.prod(x.shape[1:], dtype=np.int64) * np.dtype(x.dtype).itemsize
                    for x in jax.tree_util.tree_leaves(state.clients.own)))
+
+
+def participation(clients: Any, cohort_size: int | None, seed: int, weighted: bool = False,
+                  mesh: Any = None) -> AllClients | Cohort:
+    """:class:`AllClients` (``cohort_size`` None or the population) or :class:`Cohort` for the
+    padded ``clients`` data, placed on ``mesh`` (a client mesh of :mod:`fslsage_jax.sharding`)
+    or on the default device."""
+    place_data = place_state = None
+    if mesh is not None:
+        place_data = lambda d: jax.device_put(d, sharding.data_shardings(d, mesh))
+        place_state = lambda s: jax.device_put(s, sharding.state_sharding(mesh))
+    population = int(np.shape(clients.counts)[0])
+    if cohort_size in (None, population):
+        if mesh is not None:
+            sharding.check_divisible(population, mesh)
+        return AllClients(clients, place_data)
+    return Cohort(clients, cohort_size, seed, weighted, place_state, place_data)

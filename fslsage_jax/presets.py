@@ -2,7 +2,7 @@
 
 A preset maps ``experiments/run.py`` option names (argparse ``dest``) to
 values; the CLI applies them as defaults, so any flag given explicitly wins.
-Values are the ones SPEC.md states from the FSL-SAGE paper (Nair et al., ICML
+Values are the ones the FSL-SAGE paper states (Nair et al., ICML
 2025) and the authors' code; where the paper is silent the choice is marked.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ _IMAGE = {
 }
 
 _GPT2 = {
-    # SPEC: AdamW 2e-4, weight decay 0.01, eps 1e-6, 500 warm-up steps, batch 8,
+    # the paper: AdamW 2e-4, weight decay 0.01, eps 1e-6, 500 warm-up steps, batch 8,
     # sequence 512, alignment 40 epochs x batch 8 on a 64-sample buffer; Q and
     # l as for images; 3 clients (the authors' default); rounds: our choice.
     "dataset": "e2e", "model": "gpt2", "num_clients": 3, "batch_size": 8, "local_epochs": 1,

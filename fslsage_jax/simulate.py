@@ -50,7 +50,7 @@ from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import make_evaluate, resolve_config
 from fslsage_jax.comm import KINDS, Ledger, round_bytes, sizes_of
 from fslsage_jax.memory import as_memory_error
-from fslsage_jax.population import AllClients, Cohort, fetch
+from fslsage_jax.population import Cohort, fetch, participation
 from fslsage_jax.records import (json_safe, round_record, summarize_run, truncate_metrics,
                                  write_json_atomic)
 from fslsage_jax.results import read_metrics
@@ -205,28 +205,6 @@ def _writer() -> bool:
     return jax.process_index() == 0
 
 
-def _participation(task: Task, opts: RunOptions, mesh):
-    """:class:`AllClients` or :class:`Cohort` for this run, placed on ``mesh`` (or not)."""
-    place_data = place_state = None
-    if mesh is not None:
-        from fslsage_jax import sharding
-        place_data = lambda d: jax.device_put(d, sharding.data_shardings(d, mesh))
-        place_state = lambda s: jax.device_put(s, sharding.state_sharding(mesh))
-    population = int(np.shape(task.clients.counts)[0])
-    if opts.cohort_size in (None, population):
-        if mesh is not None:
-            from fslsage_jax.sharding import check_divisible
-            check_divisible(population, mesh)
-        return AllClients(task.clients, place_data)
-    return Cohort(task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted, place_state, place_data)
-
-
-def _check_clients(cfg: Config, part) -> None:
-    if cfg.num_clients != part.population:
-        raise ValueError(f"Config.num_clients={cfg.num_clients} but the client data holds "
-                         f"{part.population} clients (leading axis of x, y and counts); make them agree")
-
-
 def _start(algo, task: Task, opts: RunOptions, part, metrics_path: str | None, mesh):
     """``(state, ledger, records, first round, wall time before)``: the initial state, or
     the newest checkpoint's when resuming (``metrics.jsonl`` truncated to its rounds; a
@@ -286,11 +264,12 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
     if opts.devices != 1:
         from fslsage_jax import sharding
         mesh = sharding.client_mesh(opts.devices)
-    part = _participation(task, opts, mesh)
+    part = participation(task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted, mesh)
     if isinstance(part, Cohort):
         cfg = dataclasses.replace(cfg, num_clients=part.k)
-    else:
-        _check_clients(cfg, part)
+    elif cfg.num_clients != part.population:
+        raise ValueError(f"Config.num_clients={cfg.num_clients} but the client data holds "
+                         f"{part.population} clients (leading axis of x, y and counts); make them agree")
     state_sharding = None
     if mesh is not None:
         from fslsage_jax.sharding import state_sharding as spec

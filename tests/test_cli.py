@@ -11,7 +11,7 @@ import run  # noqa: E402
 
 
 def test_describe_matches_spec_reference_sizes(capsys):
-    # a 32x32x3 input and 10 classes: the original code's sizes (SPEC)
+    # a 32x32x3 input and 10 classes: the original code's sizes
     assert run.main(["--dataset", "synthetic", "--describe"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["param_counts"] == {"client": 107328, "server": 1649098, "aux": 40970,

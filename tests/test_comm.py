@@ -1,4 +1,4 @@
-"""The communication ledger against SPEC's table, with every number worked out by hand.
+"""The communication ledger against docs/semantics.md's table, with every number worked out by hand.
 
 Toy split model (tests/conftest.py): client Dense(4->6) = 30 floats = 120 B;
 server Dense(6->5) + Dense(5->3) = 53 floats = 212 B; auxiliary Dense(6->3) =

@@ -1,7 +1,7 @@
 """One round lifted over clients equals a plain Python loop over clients.
 
 The reference below is independent of the library's algorithm code: a Python loop
-over rounds, local steps and clients written from SPEC.md with flax ``apply``,
+over rounds, local steps and clients written from docs/semantics.md with flax ``apply``,
 ``jax.grad`` / ``jax.vjp`` and optax only (no ``steps``, batch gathering, FIFO or
 averaging helpers of the library). It shares only the starting state (``init``) and
 the random minibatch order, re-derived here from the round key. Every algorithm,

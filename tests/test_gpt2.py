@@ -123,7 +123,7 @@ def test_init_split_trainable_is_lora_only_and_embedding_tied():
     assert set(c.params) == {"h_0"} and set(s.params) == {"h_1", "h_2"}
     np.testing.assert_array_equal(c.frozen["wte"], s.frozen["wte"])
     np.testing.assert_array_equal(c.frozen["wte"], a.frozen["wte"])
-    # aux_mode="lora" (default, SPEC): frozen aux blocks with LoRA
+    # aux_mode="lora" (default, the paper's): frozen aux blocks with LoRA
     assert names(a.params) == {"lora_q_a", "lora_q_b", "lora_v_a", "lora_v_b"}
     assert "c_attn_kernel" in a.frozen["h_1"]
     c, s, a = tie_embeddings(c, s, a)

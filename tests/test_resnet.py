@@ -1,4 +1,4 @@
-"""ResNet-18 split: SPEC's parameter counts, client->server == unsplit forward, masked BatchNorm."""
+"""ResNet-18 split: the paper's parameter counts, client->server == unsplit forward, masked BatchNorm."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,7 +2,7 @@
 
 Images are kept as uint8 ``[N, 32, 32, 3]`` (NHWC) and labels as int32 (CIFAR-100:
 the 100 fine labels); the dataset's ``transform`` (crop + flip + normalise for
-training, normalise for evaluation, SPEC's mean/std) runs on the device.
+training, normalise for evaluation, the usual CIFAR mean/std) runs on the device.
 
 Sources, in this order:
 

@@ -27,9 +27,9 @@ Variables: the pretrained (frozen) weights are declared in the flax collection
   are randomly initialised (normal 0.02, layer norms 1/0, biases 0), have no LoRA
   and are fully trainable (the authors' ``mark_only_lora_as_trainable`` is applied
   to the client and server only); only the tied ``wte`` is frozen.
-  ``aux_mode="lora"`` (default, as SPEC: only LoRA parameters are trained and
+  ``aux_mode="lora"`` (default, as in the paper: only LoRA parameters are trained and
   travel): the auxiliary blocks are frozen like the others, with
-  trainable LoRA on q/v (so only LoRA travels, as SPEC's communication note says);
+  trainable LoRA on q/v (so only LoRA travels, as docs/semantics.md says);
   :func:`fslsage_jax.models.gpt2_weights.load_gpt2_weights` then fills them with
   copies of the pretrained blocks that follow the cut.
 

@@ -178,7 +178,7 @@ def make_resnet18(input_shape: tuple, num_classes: int, width: int = 64) -> Spli
     Args:
       input_shape: one image's shape ``(H, W, C)``, e.g. ``(32, 32, 3)``.
       num_classes: number of classes of the server and auxiliary heads.
-      width: base width; 64 is ResNet-18 (SPEC), smaller values give narrow test variants.
+      width: base width; 64 is ResNet-18 (the paper's), smaller values give narrow test variants.
     Returns:
       a :class:`SplitModel` with ``masked_batch_stats=True``.
     """
