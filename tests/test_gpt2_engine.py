@@ -53,7 +53,7 @@ def test_validation_loss_falls_frozen_never_changes(algo):
     a = ALGORITHMS[algo](split, cfg, 32)
     state = a.init(jax.random.key(0))
     frozen0 = jax.tree_util.tree_map(np.array, state.frozen)
-    assert jax.tree_util.tree_leaves(state.clients.params)[0].shape[0] == 2    # LoRA: client axis
+    assert jax.tree_util.tree_leaves(state.clients.shared)[0].shape[0] == 2    # LoRA: client axis
     assert all(leaf.shape[0] != 2 or leaf.ndim < 2 for leaf in jax.tree_util.tree_leaves(frozen0[0]))
     evaluate = make_evaluate(split)
     losses = [evaluate(*a.global_model(state), jnp.asarray(xv), jnp.asarray(yv))[0]]

@@ -16,7 +16,7 @@ from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
 from fslsage_jax.comm import sizes_of
 from fslsage_jax.data.augment import make_image_transform
 from fslsage_jax.models.resnet import make_resnet18
-from fslsage_jax.split import model_bytes
+from fslsage_jax.split import Vars, model_bytes
 
 M, N, B = 2, 6, 4                      # clients, samples per client (uneven batches: 4 + 2), batch
 
@@ -32,6 +32,14 @@ def setup():
     return split, data
 
 
+def _client_server(state):
+    """(client Vars [m, ...], server Vars) of any algorithm's State; per-client server copies
+    (SplitFed-MS, FedAvg) keep their client axis."""
+    shared = state.clients.shared
+    cv = shared if isinstance(shared, Vars) else shared[0]
+    return cv, (shared[1] if state.server is None else state.server.vars)
+
+
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))
 def test_one_round_each_algorithm(setup, algo):
     split, data = setup
@@ -43,15 +51,15 @@ def test_one_round_each_algorithm(setup, algo):
     s1, acc = a.run_round(jax.tree_util.tree_map(jnp.asarray, s0), data, jax.random.key(1))
     assert np.isfinite(acc["loss_sum"]) and acc["loss_n"] > 0
     # BatchNorm statistics are client state: they moved, and were averaged (all clients equal)
-    st0, st1 = s0.clients.state["batch_stats"], s1.clients.state["batch_stats"]
+    st0, st1 = _client_server(s0)[0].state["batch_stats"], _client_server(s1)[0].state["batch_stats"]
     moved = [not np.allclose(a0, a1) for a0, a1 in zip(jax.tree_util.tree_leaves(st0),
                                                         jax.tree_util.tree_leaves(st1))]
     assert all(moved)
     for leaf in jax.tree_util.tree_leaves(st1):
         np.testing.assert_allclose(leaf[0], leaf[1], rtol=1e-6)
     # the server keeps its own statistics (trained by the uploads in split algorithms)
-    sv0 = s0.server.state["batch_stats"]
-    sv1 = s1.server.state["batch_stats"]
+    sv0 = _client_server(s0)[1].state["batch_stats"]
+    sv1 = _client_server(s1)[1].state["batch_stats"]
     assert any(not np.allclose(a0, a1) for a0, a1 in zip(jax.tree_util.tree_leaves(sv0),
                                                           jax.tree_util.tree_leaves(sv1)))
     loss, accuracy = make_evaluate(split, batch_size=4)(*a.global_model(s1), data.x[0], data.y[0])
@@ -105,7 +113,7 @@ def test_first_step_loss_and_batchnorm_average_by_hand():
     assert acc["loss_sum"] / acc["loss_n"] == pytest.approx(float(np.dot(w, losses)), rel=1e-5)
     want = jax.tree_util.tree_map(lambda s0_, s1_: w[0] * np.asarray(s0_) + w[1] * np.asarray(s1_),
                                   *stats)
-    got = jax.tree_util.tree_map(lambda a_: np.asarray(a_[0]), state.clients.state["batch_stats"])
+    got = jax.tree_util.tree_map(lambda a_: np.asarray(a_[0]), _client_server(state)[0].state["batch_stats"])
     jax.tree_util.tree_map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6),
                            got, want)
 
