@@ -104,22 +104,31 @@ CONV_IMPLS = {"xla": None, "im2col": conv_im2col, "toeplitz": conv_toeplitz,
               "small_toeplitz": conv_small_toeplitz}
 
 
-def default_conv_impl(train: bool, backend: str | None = None) -> str | tuple:
+SMALL_IMAGE_PIXELS = 16 * 16
+
+
+def default_conv_impl(train: bool, backend: str | None = None,
+                      image_pixels: int | None = None) -> str | tuple:
     """The measured fastest conv formulation: a key of ``CONV_IMPLS`` or a pair (first, second conv).
 
-    Measured on a 2-core XLA:CPU (jax 0.10.2, digits 8x8x1, see BENCHMARKS.md). Training
-    (``train=True``; the client step vmapped over clients with their own weights):
+    Measured on a 2-core XLA:CPU (jax 0.10.2, see BENCHMARKS.md). Training (``train=True``)
+    on small images (``image_pixels`` = H*W up to ``SMALL_IMAGE_PIXELS``, e.g. digits 8x8,
+    where the engine vmaps the client step over clients with their own weights):
     ``"im2col"`` (patch matmuls) for the first conv, where the vmapped XLA convolution is a
     grouped convolution with one input channel per group (3-10x slower at 64-256 clients);
-    XLA's convolution for the second (4x4x64: the grouped convolution is as fast as patch
-    matmuls at 64 clients). Inference (``train=False``: evaluation of the averaged client)
-    is ~7x faster with the Toeplitz matmul for the 4x4x64 second conv. Other backends:
-    ``"xla"``.
+    XLA's convolution for the second (4x4x64: as fast as patch matmuls at 64 clients).
+    Larger images keep ``"xla"`` (the engine runs up to 16 clients unrolled there, where
+    XLA's plain convolution is faster; vmapped, ``"im2col"`` is 2-5x faster for 32x32x3).
+    Inference (``train=False``: evaluation of the averaged client) is ~7x faster with the
+    Toeplitz matmul for the 4x4x64 second conv. Other backends: ``"xla"``.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
-    return ("im2col", "xla") if train else "small_toeplitz"
+    if not train:
+        return "small_toeplitz"
+    small = image_pixels is None or image_pixels <= SMALL_IMAGE_PIXELS
+    return ("im2col", "xla") if small else "xla"
 
 
 def _xla_conv(x, k):
@@ -164,15 +173,15 @@ class CNNClient(nn.Module):
     features: int = 64
     conv_impl: str | tuple = "auto"
 
-    def _impls(self, train: bool):
+    def _impls(self, train: bool, image_pixels: int):
         impl = self.conv_impl
         if impl == "auto":
-            impl = default_conv_impl(train)
+            impl = default_conv_impl(train, image_pixels=image_pixels)
         return (impl, impl) if isinstance(impl, str) else tuple(impl)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        i1, i2 = self._impls(train)
+        i1, i2 = self._impls(train, x.shape[-3] * x.shape[-2])
         z, b = _Conv5x5(self.features, i1, name="Conv_0")(x)
         x = local_response_norm(nn.relu(max_pool_3x3_s2(z) + b))
         z, b = _Conv5x5(self.features, i2, name="Conv_1")(x)
