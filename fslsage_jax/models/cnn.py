@@ -146,9 +146,6 @@ class _Conv5x5(nn.Module):
     def __call__(self, x):
         k = self.param("kernel", _conv_init, (5, 5, x.shape[-1], self.features))
         b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        # materialize the input: XLA would otherwise fuse the producer (pool, LRN) into the
-        # patch gather or the kernel gradient's transpose and recompute it per tap (2-3x slower)
-        x = jax.lax.optimization_barrier(x)
         f = CONV_IMPLS[self.impl]
         if f is None:
             return _xla_conv(x, k), b
