@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""A PyTorch peer of fslsage_jax's FSL-SAGE: the same CNN split and steps, written as the
-usual per-client PyTorch loop, timed on the same data. A performance reference only.
+"""A PyTorch peer of fslsage_jax's FSL-SAGE (and SplitFed-SS): the same CNN split and steps,
+written as the usual per-client PyTorch loop, timed on the same data. A performance reference only.
 
     pip install -e '.[bench]'        # adds torch (CPU is enough)
     python experiments/torch_peer.py --dataset digits --num-clients 4 --batch-size 32 --rounds 40 --seed 0
+    python experiments/torch_peer.py --algo sl_single_server --dataset synthetic \
+        --synthetic-shape 8x8x1 --synthetic-samples-per-client 22 --num-clients 256 --rounds 3
 
 Prints one JSON object: per-round times (ordinary and alignment rounds), evaluation time,
 whole-process time, final test accuracy and loss.
@@ -250,28 +252,104 @@ def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, bat
             "accuracies": accs, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
 
 
+def time_splitfed_ss(x_train_parts, y_train_parts, x_test, y_test, rounds: int, batch_size: int,
+                     num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4,
+                     seed: int = 0, threads: int | None = None) -> dict:
+    """Train SplitFed-SS (one shared server) with a per-client PyTorch loop and time it.
+
+    Every client in turn runs one local epoch; each step: z = client(x), one Adam step of the
+    shared server on CE(server(z), y), the true dL/dz back through the client, a client Adam
+    step. End of round: FedAvg of the client models. Same arguments and result keys as
+    :func:`time_fsl_sage` (no alignment rounds).
+    """
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))).float()
+    xs = [to_t(x) for x in x_train_parts]
+    ys = [torch.from_numpy(np.asarray(y)).long() for y in y_train_parts]
+    xt, yt = to_t(x_test), torch.from_numpy(np.asarray(y_test)).long()
+    m, in_ch = len(xs), xs[0].shape[1]
+    client0 = Client(in_ch)
+    d = client0(xs[0][:1]).shape[1]
+    clients = [Client(in_ch) for _ in range(m)]
+    for c in clients:
+        c.load_state_dict(client0.state_dict())
+    server = Server(d, num_classes)
+    copts = [torch.optim.Adam(c.parameters(), lr=lr, weight_decay=weight_decay) for c in clients]
+    sopt = torch.optim.Adam(server.parameters(), lr=lr, weight_decay=weight_decay)
+    counts = [len(y) for y in ys]
+    round_times, round_cpu, eval_times, accs, losses = [], [], [], [], []
+    t_train = time.time()
+    for _ in range(rounds):
+        t0, c0 = time.time(), time.process_time()
+        for i in range(m):
+            perm = torch.randperm(counts[i], generator=gen)
+            for s in range(0, counts[i], batch_size):
+                idx = perm[s:s + batch_size]
+                z = clients[i](xs[i][idx])
+                zg = z.detach().requires_grad_(True)
+                sopt.zero_grad(set_to_none=True)
+                F.cross_entropy(server(zg), ys[i][idx]).backward()
+                sopt.step()
+                copts[i].zero_grad(set_to_none=True)
+                z.backward(zg.grad)
+                copts[i].step()
+        fedavg(clients, counts)
+        round_times.append(time.time() - t0)
+        round_cpu.append(time.process_time() - c0)
+        t1 = time.time()
+        loss, acc = evaluate(clients[0], server, xt, yt)
+        eval_times.append(time.time() - t1)
+        accs.append(acc)
+        losses.append(loss)
+    ordinary, ordinary_cpu = round_times[1:], round_cpu[1:]
+    return {"round_times_s": round_times, "round_cpu_s": round_cpu,
+            "median_ordinary_round_cpu_s": statistics.median(ordinary_cpu) if ordinary_cpu else None,
+            "median_ordinary_round_s": statistics.median(ordinary) if ordinary else None,
+            "align_round_times_s": [], "eval_time_s": statistics.median(eval_times),
+            "first_eval_s": eval_times[0], "train_time_s": time.time() - t_train,
+            "final_accuracy": accs[-1], "best_accuracy": max(accs), "final_test_loss": losses[-1],
+            "accuracies": accs, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algo", default="fsl_sage", choices=("fsl_sage", "sl_single_server"))
     p.add_argument("--dataset", default="digits")
+    p.add_argument("--synthetic-shape", default="32x32x3", help="--dataset synthetic: HxWxC")
+    p.add_argument("--synthetic-samples-per-client", type=int, default=0,
+                   help="--dataset synthetic: training samples per client (0: 1024 in all)")
     p.add_argument("--num-clients", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--align-interval", type=int, default=10)
     p.add_argument("--align-epochs", type=int, default=100)
     p.add_argument("--align-batch-size", type=int, default=1000)
     p.add_argument("--align-buffer-size", type=int, default=1000)
     a = p.parse_args(argv)
     from fslsage_jax.data import load_dataset, partition
-    ds = load_dataset(a.dataset, seed=a.seed)
+    kw = {}
+    if a.dataset == "synthetic":      # as experiments/run.py's --synthetic-* flags
+        kw["shape"] = tuple(int(v) for v in a.synthetic_shape.split("x"))
+        if a.synthetic_samples_per_client:
+            kw["n_train"] = a.synthetic_samples_per_client * a.num_clients
+    ds = load_dataset(a.dataset, seed=a.seed, **kw)
     parts = partition(ds.y_train, a.num_clients, "iid", 1.0, ds.num_classes, a.seed)
-    out = time_fsl_sage([ds.x_train[p] for p in parts], [ds.y_train[p] for p in parts],
-                        ds.x_test, ds.y_test, a.rounds, a.batch_size, num_classes=ds.num_classes,
-                        align_epochs=a.align_epochs, align_batch_size=a.align_batch_size,
-                        align_buffer_size=a.align_buffer_size, seed=a.seed, threads=a.threads)
+    data = ([ds.x_train[p] for p in parts], [ds.y_train[p] for p in parts], ds.x_test, ds.y_test,
+            a.rounds, a.batch_size)
+    if a.algo == "fsl_sage":
+        out = time_fsl_sage(*data, num_classes=ds.num_classes, align_interval=a.align_interval,
+                            align_epochs=a.align_epochs,
+                            align_batch_size=a.align_batch_size,
+                            align_buffer_size=a.align_buffer_size, seed=a.seed, threads=a.threads)
+    else:
+        out = time_splitfed_ss(*data, num_classes=ds.num_classes, seed=a.seed, threads=a.threads)
     out["wall_time_s"] = time.time() - _T_START      # whole process, imports included
     out["process_cpu_s"] = time.process_time()
-    out.update(dataset=a.dataset, num_clients=a.num_clients, batch_size=a.batch_size,
+    out.update(algo=a.algo, dataset=a.dataset, num_clients=a.num_clients, batch_size=a.batch_size,
                rounds=a.rounds, seed=a.seed)
     print(json.dumps(out))
     return 0

@@ -32,7 +32,7 @@ def test_client_same_params_and_outputs_for_every_impl():
     x = jax.random.normal(jax.random.key(3), (6, 8, 8, 1))
     ref = CNNClient(conv_impl="xla")
     v = ref.init(jax.random.key(4), x)
-    for impl in ("auto", "im2col", "toeplitz", ("xla", "small_toeplitz")):
+    for impl in ("auto", "im2col", "toeplitz", ("xla", "small_toeplitz"), ("im2col", "xla")):
         m = CNNClient(conv_impl=impl)
         v2 = m.init(jax.random.key(4), x)
         assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), v, v2))
@@ -42,6 +42,8 @@ def test_client_same_params_and_outputs_for_every_impl():
 
 
 def test_default_impl():
-    assert default_conv_impl(True, "cpu") == "xla"
+    assert default_conv_impl(True, "cpu") == ("im2col", "xla")
+    assert default_conv_impl(True, "cpu", image_pixels=8 * 8) == ("im2col", "xla")
+    assert default_conv_impl(True, "cpu", image_pixels=32 * 32) == "xla"
     assert default_conv_impl(False, "cpu") == "small_toeplitz"
     assert default_conv_impl(False, "gpu") == "xla"

@@ -14,51 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fslsage_jax.models.layers import conv_patches, local_response_norm, max_pool_3x3_s2
 from fslsage_jax.split import SplitModel
+
+__all__ = ["CNNClient", "CNNServer", "CONV_IMPLS", "LinearAux", "conv_im2col", "conv_small_toeplitz",
+           "conv_toeplitz", "default_conv_impl", "local_response_norm", "make_cnn", "max_pool_3x3_s2"]
 
 # PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 _conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # The original initialises dense weights and biases with N(0, 0.05).
 _dense_init = nn.initializers.normal(0.05)
-
-
-def local_response_norm(x, size: int = 4, alpha: float = 0.001 / 9.0,
-                        beta: float = 0.75, k: float = 1.0):
-    """Cross-channel LRN over NHWC input, PyTorch ``LocalResponseNorm`` semantics.
-
-    ``x_c / (k + alpha / size * sum_{c' in [c - size//2, c + (size-1)//2]} x_c'^2)^beta``
-    with zero padding at the channel ends.
-    """
-    sq = jnp.pad(x * x, [(0, 0)] * (x.ndim - 1) + [(size // 2, (size - 1) // 2)])
-    c = x.shape[-1]
-    window = sum(sq[..., i:i + c] for i in range(size))
-    return x / (k + alpha / size * window) ** beta
-
-
-def max_pool_3x3_s2(x):
-    """Max-pool 3x3, stride 2, padding 1 on every side (the original's ``MaxPool2d(3, 2, 1)``;
-    "same" for even sizes) over NHWC input.
-
-    Equal to ``nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))``, computed
-    as a max over strided slices of the -inf-padded input, rows then columns (the window
-    max is separable). XLA:CPU runs its backward pass (elementwise selects) about 5-8x
-    faster than ``reduce_window``'s select-and-scatter. Values are identical; gradients are
-    identical wherever a window's maximum is unique; on exact ties the gradient is split
-    between the tied elements (JAX's ``max`` convention; the window's total is the same)
-    instead of going to one of them. In this model ties occur only between ReLU zeros,
-    whose upstream gradient is zero either way.
-    """
-    h, w = x.shape[-3], x.shape[-2]
-    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    pad = [(0, 0)] * (x.ndim - 3) + [(1, 1), (1, 1), (0, 0)]
-    xp = jnp.pad(x, pad, constant_values=-jnp.inf)
-    r = [xp[..., i:i + 2 * ho - 1:2, :, :] for i in range(3)]
-    r = jnp.maximum(jnp.maximum(r[0], r[1]), r[2])
-    c = [r[..., j:j + 2 * wo - 1:2, :] for j in range(3)]
-    return jnp.maximum(jnp.maximum(c[0], c[1]), c[2])
-
-
-_pool = max_pool_3x3_s2
 
 
 def _same_conv_args(x, k, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -76,16 +41,12 @@ def _same_conv_args(x, k, strides, padding, lhs_dilation, rhs_dilation, dimensio
 
 def conv_im2col(x, k, strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, precision=None):
-    """``lax.conv_general_dilated`` for a stride-1 "same" NHWC conv as one matmul of the
-    ``[B*H*W, kh*kw*C]`` patch matrix (built from shifted slices) with the kernel."""
+    """``lax.conv_general_dilated`` for a stride-1 "same" NHWC conv as patch-matrix products
+    (:func:`layers.conv_patches`: gathered ``[B*H*W, kh*kw*C]`` patches times the kernel,
+    with a hand-written backward pass of two more products)."""
     _same_conv_args(x, k, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                     feature_group_count)
-    b, h, w, c = x.shape
-    kh, kw, _, o = k.shape
-    xp = jnp.pad(x, [(0, 0), *padding, (0, 0)])
-    cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], -1)
-    y = jnp.dot(cols.reshape(b * h * w, kh * kw * c), k.reshape(kh * kw * c, o), precision=precision)
-    return y.reshape(b, h, w, o)
+    return conv_patches(x, k, tuple(tuple(p) for p in padding))
 
 
 @functools.lru_cache(maxsize=32)
@@ -143,21 +104,54 @@ CONV_IMPLS = {"xla": None, "im2col": conv_im2col, "toeplitz": conv_toeplitz,
               "small_toeplitz": conv_small_toeplitz}
 
 
-def default_conv_impl(train: bool, backend: str | None = None) -> str:
-    """The measured fastest conv formulation (a key of ``CONV_IMPLS``).
+SMALL_IMAGE_PIXELS = 16 * 16
 
-    Measured on a 2-core XLA:CPU (jax 0.10.2, digits 8x8x1, see BENCHMARKS.md):
-    training steps (4 clients vmapped, batch 32, forward + backward) are fastest with
-    XLA's convolution (im2col 1.0-2.5x slower, Toeplitz ~1.5x slower; oneDNN and
-    XNNPACK flags no faster), so training keeps ``"xla"`` and its numbers are
-    unchanged. Inference (``train=False``: evaluation of the averaged client on the
-    test set) is ~7x faster with the Toeplitz matmul for the 4x4x64 second conv
-    (360 samples: ~0.36 s -> ~0.045 s on a loaded machine). Other backends: ``"xla"``.
+
+def default_conv_impl(train: bool, backend: str | None = None,
+                      image_pixels: int | None = None) -> str | tuple:
+    """The measured fastest conv formulation: a key of ``CONV_IMPLS`` or a pair (first, second conv).
+
+    Measured on a 2-core XLA:CPU (jax 0.10.2, see BENCHMARKS.md). Training (``train=True``)
+    on small images (``image_pixels`` = H*W up to ``SMALL_IMAGE_PIXELS``, e.g. digits 8x8,
+    where the engine vmaps the client step over clients with their own weights):
+    ``"im2col"`` (patch matmuls) for the first conv, where the vmapped XLA convolution is a
+    grouped convolution with one input channel per group (3-10x slower at 64-256 clients);
+    XLA's convolution for the second (4x4x64: as fast as patch matmuls at 64 clients).
+    Larger images keep ``"xla"`` (the engine runs up to 16 clients unrolled there, where
+    XLA's plain convolution is faster; vmapped, ``"im2col"`` is 2-5x faster for 32x32x3).
+    Inference (``train=False``: evaluation of the averaged client) is ~7x faster with the
+    Toeplitz matmul for the 4x4x64 second conv. Other backends: ``"xla"``.
     """
     backend = backend or jax.default_backend()
-    if backend == "cpu" and not train:
+    if backend != "cpu":
+        return "xla"
+    if not train:
         return "small_toeplitz"
-    return "xla"
+    small = image_pixels is None or image_pixels <= SMALL_IMAGE_PIXELS
+    return ("im2col", "xla") if small else "xla"
+
+
+def _xla_conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), ((2, 2), (2, 2)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class _Conv5x5(nn.Module):
+    """The parameters of ``nn.Conv(features, (5, 5), padding=2)`` (``kernel`` with PyTorch's
+    default init, zero ``bias``) and its convolution without the bias: ``(x * kernel, bias)``."""
+    features: int
+    impl: str
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", _conv_init, (5, 5, x.shape[-1], self.features))
+        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        f = CONV_IMPLS[self.impl]
+        if f is None:
+            return _xla_conv(x, k), b
+        return f(x, k, (1, 1), ((2, 2), (2, 2)),
+                 dimension_numbers=jax.lax.conv_dimension_numbers(
+                     x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))), b
 
 
 class CNNClient(nn.Module):
@@ -166,31 +160,29 @@ class CNNClient(nn.Module):
     ``conv_impl``: how the convolutions are computed: ``"auto"`` (the measured
     default of the backend and mode, :func:`default_conv_impl`), a key of
     ``CONV_IMPLS`` for both convs, or a pair of keys. ``"xla"`` is XLA's convolution;
-    ``"im2col"`` and ``"toeplitz"`` compute the same convolution as a matrix product
+    ``"im2col"`` and ``"toeplitz"`` compute the same convolution as matrix products
     (equal to float rounding, ~1e-6); ``"small_toeplitz"`` uses the Toeplitz form
     only while its matrix is small. The parameters (``Conv_0``/``Conv_1``
-    ``kernel``/``bias``) are the same for every choice.
+    ``kernel``/``bias``) are the same for every choice. The first block max-pools
+    before adding the bias and the ReLU (both monotonic, so the values are the
+    same) to run them on the 4x smaller map.
     """
     features: int = 64
     conv_impl: str | tuple = "auto"
 
-    def _convs(self, train: bool):
+    def _impls(self, train: bool, image_pixels: int):
         impl = self.conv_impl
         if impl == "auto":
-            impl = default_conv_impl(train)
-        if isinstance(impl, str):
-            impl = (impl, impl)
-        return [CONV_IMPLS[i] for i in impl]
+            impl = default_conv_impl(train, image_pixels=image_pixels)
+        return (impl, impl) if isinstance(impl, str) else tuple(impl)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        c1, c2 = self._convs(train)
-        conv = lambda f: nn.Conv(self.features, (5, 5), padding=2, kernel_init=_conv_init,
-                                 conv_general_dilated=f)
-        x = nn.relu(conv(c1)(x))
-        x = local_response_norm(_pool(x))
-        x = nn.relu(conv(c2)(x))
-        x = _pool(local_response_norm(x))
+        i1, i2 = self._impls(train, x.shape[-3] * x.shape[-2])
+        z, b = _Conv5x5(self.features, i1, name="Conv_0")(x)
+        x = local_response_norm(nn.relu(max_pool_3x3_s2(z) + b))
+        z, b = _Conv5x5(self.features, i2, name="Conv_1")(x)
+        x = max_pool_3x3_s2(local_response_norm(nn.relu(z + b)))
         return x.reshape(x.shape[0], -1)
 
 
