@@ -114,6 +114,11 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _align_flags(args, algo: str) -> list[str]:
+    """``--align-interval`` for FSL-SAGE (the CLI refuses it for the other algorithms)."""
+    return ["--align-interval", str(args.align_interval)] if algo == "fsl_sage" else []
+
+
 def _kind_times(rounds: list[float], algo: str, interval: int) -> dict:
     """Ordinary / alignment / round-0 / compile times from per-round wall times."""
     aligns = [t for r, t in enumerate(rounds) if algo == "fsl_sage" and r % interval == 0]
@@ -130,8 +135,8 @@ def scaling_ours(args, algo: str, k: int, out_dir: str) -> dict:
     data, _, _ = _scaling_data(args, k)
     cmd = [sys.executable, os.path.join(HERE, "run.py"), "--algo", algo, *data,
            "--num-clients", str(k), "--batch-size", str(args.batch_size), "--rounds", str(args.rounds),
-           "--align-interval", str(args.align_interval), "--seed", str(args.seed), "--out", out_dir,
-           "--overwrite", "--no-progress"]
+           *_align_flags(args, algo), "--seed", str(args.seed), "--out", out_dir, "--overwrite",
+           "--no-progress"]
     env = dict(os.environ, FSLSAGE_JAX_CACHE_DIR=tempfile.mkdtemp(prefix="fslsage-cache-"))
     load0, cpu0, t0 = _load(), _child_cpu(), time.time()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -146,7 +151,7 @@ def scaling_peer(args, algo: str, k: int) -> dict:
     data, _, _ = _scaling_data(args, k)
     cmd = [sys.executable, os.path.join(HERE, "torch_peer.py"), "--algo", algo, *data,
            "--num-clients", str(k), "--batch-size", str(args.batch_size), "--rounds", str(args.rounds),
-           "--align-interval", str(args.align_interval), "--seed", str(args.seed)]
+           *_align_flags(args, algo), "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     load0, cpu0, t0 = _load(), _child_cpu(), time.time()
