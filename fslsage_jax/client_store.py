@@ -156,10 +156,12 @@ class ClientStore:
     def gather(self, ids: np.ndarray) -> Any:
         """The state of clients ``ids`` stacked on a leading axis (numpy pytree ``[len(ids), ...]``)."""
         ids = np.asarray(ids, np.int64)
+        slots = self.slot[ids]
         out = [np.empty((len(ids), *x.shape), x.dtype) for x in self.initial]
-        for o, x in zip(out, self.initial):
-            o[...] = x
-        for b, sel, rows in self._by_block(self.slot[ids]):
+        if (slots < 0).any():
+            for o, x in zip(out, self.initial):
+                o[slots < 0] = x
+        for b, sel, rows in self._by_block(slots):
             chunk = self._open(b)[rows]          # a copy; a disk block is unmapped here
             for i, o in enumerate(out):
                 o[sel] = self._leaf(chunk, i)
