@@ -38,7 +38,7 @@ GIB = 2 ** 30
 
 def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int, batch: int,
             align_epochs: int, seed: int = 0, store: str = "ram", store_dir: str | None = None,
-            prefill: bool = False, strategy: str = "auto") -> dict:
+            prefill: bool = False, strategy: str = "auto", checkpoint: bool = False) -> dict:
     """One setting in this process; returns its numbers."""
     import jax
     import numpy as np
@@ -86,9 +86,20 @@ def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     per_client = bytes_per_client(state)
     summary = pop.summary()
+    save_s = load_s = None
+    if checkpoint:     # the store's copy in a checkpoint (population.npz), written and read back
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            t1 = time.time()
+            pop.save(d)
+            save_s = time.time() - t1
+            pop.load(d)
+            load_s = time.time() - t1 - save_s
+    rss_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     pop.close()
     return {"population": population, "cohort": cohort, "rounds": rounds, "store": store,
-            "strategy": strategy, "prefill": prefill, "prefill_s": t_fill, "load_avg_before": list(load),
+            "strategy": strategy, "prefill": prefill, "prefill_s": t_fill,
+            "checkpoint_save_s": save_s, "checkpoint_load_s": load_s, "peak_rss_with_checkpoint_gib": rss_all / GIB, "load_avg_before": list(load),
             "store_s_per_round": float(np.mean(store_times[1:])) if rounds > 1 else None,
             "store_disk_gib": summary["population_store_disk_bytes"] / GIB,
             "samples_per_client": samples, "align_buffer_size": buffer, "backend": dev.platform,
@@ -146,6 +157,8 @@ def _child(args, population: int, cohort: int) -> dict:
         cmd += ["--store-dir", args.store_dir]
     if args.prefill:
         cmd.append("--prefill")
+    if args.checkpoint:
+        cmd.append("--checkpoint")
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"{population}/{cohort} failed:\n{p.stderr[-3000:]}")
@@ -184,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", action="store_true",
                    help="write every client's row before the first round (a store as after every "
                         "client took part)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="after the rounds, time writing the store into a checkpoint and reading it back")
     p.add_argument("--bytes-table", action="store_true", help="print the per-client bytes table and exit")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
@@ -195,7 +210,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure(*args.one, args.rounds, args.samples_per_client, args.align_buffer_size,
                                  args.batch_size, args.align_epochs, store=args.store,
                                  store_dir=args.store_dir, prefill=args.prefill,
-                                 strategy=args.strategy)))
+                                 strategy=args.strategy, checkpoint=args.checkpoint)))
         return 0
     if args.population is None:
         settings = [(100_000, k) for k in (10, 100, 1000)] + [(n, 100) for n in (1_000, 10_000)]
