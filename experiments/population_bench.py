@@ -4,6 +4,7 @@
     python experiments/population_bench.py                      # the BENCHMARKS.md tables
     python experiments/population_bench.py --bytes-table        # per-client state (README)
     python experiments/population_bench.py --population 100000 --cohort 100 --rounds 4
+    python experiments/population_bench.py --population 20000 --cohort 1000 --store disk --prefill
 
 Each (N, K) setting runs in its own process (so its peak host RSS is its own):
 digits-size ``cnn`` (synthetic 8x8x1 images, ``--samples-per-client`` each),
@@ -12,6 +13,13 @@ FSL-SAGE aligning every round (``--align-interval 1``) with a FIFO of
 after the first, which compiles), peak host RSS, peak device memory (on CPU the
 device is host memory: the RSS), the population store's bytes (clients that took
 part x bytes per client) and what it would hold had every client taken part.
+
+``--store ram|disk|auto`` picks where the population store keeps its rows (disk:
+memory-mapped blocks in ``--store-dir``, default a temporary directory, removed at
+the end); ``--prefill`` writes every client's row before the first round, so the
+store starts as it is once every client has taken part. The time each round spends
+gathering the cohort from the store and writing it back is reported apart
+(``store_s_per_round``), with the machine's load average before the run.
 """
 from __future__ import annotations
 
@@ -29,7 +37,8 @@ GIB = 2 ** 30
 
 
 def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int, batch: int,
-            align_epochs: int, seed: int = 0) -> dict:
+            align_epochs: int, seed: int = 0, store: str = "ram", store_dir: str | None = None,
+            prefill: bool = False, strategy: str = "auto", checkpoint: bool = False) -> dict:
     """One setting in this process; returns its numbers."""
     import jax
     import numpy as np
@@ -45,25 +54,54 @@ def measure(population: int, cohort: int, rounds: int, samples: int, buffer: int
     clients = to_client_arrays(ds.x_train, ds.y_train, partition(ds.y_train, population, "iid", 1.0, 10, seed))
     t_data = time.time() - t0
     split = make_cnn((8, 8, 1), 10)
-    cfg = Config(num_clients=cohort, batch_size=batch, align_interval=1, align_epochs=align_epochs,
+    cfg = Config(num_clients=cohort, batch_size=batch, strategy=strategy, align_interval=1, align_epochs=align_epochs,
                  align_batch_size=buffer, align_buffer_size=buffer)
     defn = ALGORITHMS["fsl_sage"]
     algo = defn(split, cfg, clients.x.shape[1])
     state = jax.jit(algo.init)(jax.random.key(seed))
-    pop = Cohort(clients, cohort, seed)
+    load = os.getloadavg()
+    pop = Cohort(clients, cohort, seed, store=store, store_dir=store_dir)
     pop.start(state)
-    times, acc = [], None
+    t_fill = time.time()
+    if prefill:        # every client's row written, as after all of them took part
+        first = pop.store.gather(np.zeros(1, np.int64))
+        for lo in range(0, population, cohort):
+            ids = np.arange(lo, min(lo + cohort, population))
+            pop.store.scatter(ids, jax.tree_util.tree_map(lambda x: np.repeat(x, len(ids), 0), first))
+    t_fill = time.time() - t_fill
+    times, store_times, acc = [], [], None
     for t in range(rounds):
         t1 = time.time()
         state, data = pop.inputs(state, t)
+        jax.block_until_ready(state)
+        t2 = time.time()
         state, acc = algo.run_round(state, data, jax.random.key(100 + t))
+        jax.block_until_ready(state)
+        t3 = time.time()
         pop.write_back(state)
         times.append(time.time() - t1)
+        store_times.append(t2 - t1 + time.time() - t3)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     per_client = bytes_per_client(state)
-    return {"population": population, "cohort": cohort, "rounds": rounds,
+    summary = pop.summary()
+    save_s = load_s = None
+    if checkpoint:     # the store's copy in a checkpoint (population.npz), written and read back
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            t1 = time.time()
+            pop.save(d)
+            save_s = time.time() - t1
+            pop.load(d)
+            load_s = time.time() - t1 - save_s
+    rss_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    pop.close()
+    return {"population": population, "cohort": cohort, "rounds": rounds, "store": store,
+            "strategy": strategy, "prefill": prefill, "prefill_s": t_fill,
+            "checkpoint_save_s": save_s, "checkpoint_load_s": load_s, "peak_rss_with_checkpoint_gib": rss_all / GIB, "load_avg_before": list(load),
+            "store_s_per_round": float(np.mean(store_times[1:])) if rounds > 1 else None,
+            "store_disk_gib": summary["population_store_disk_bytes"] / GIB,
             "samples_per_client": samples, "align_buffer_size": buffer, "backend": dev.platform,
             "first_round_s": times[0], "s_per_round": float(np.mean(times[1:])) if rounds > 1 else None,
             "peak_rss_gib": rss / GIB,
@@ -113,7 +151,14 @@ def _child(args, population: int, cohort: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", str(population), str(cohort),
            "--rounds", str(args.rounds), "--samples-per-client", str(args.samples_per_client),
            "--align-buffer-size", str(args.align_buffer_size), "--batch-size", str(args.batch_size),
-           "--align-epochs", str(args.align_epochs)]
+           "--align-epochs", str(args.align_epochs), "--store", args.store,
+           "--strategy", args.strategy]
+    if args.store_dir:
+        cmd += ["--store-dir", args.store_dir]
+    if args.prefill:
+        cmd.append("--prefill")
+    if args.checkpoint:
+        cmd.append("--checkpoint")
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"{population}/{cohort} failed:\n{p.stderr[-3000:]}")
@@ -121,13 +166,15 @@ def _child(args, population: int, cohort: int) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    out = ["| population N | cohort K | s/round | first round s | peak host RSS GiB | peak device GiB | "
-           "clients stored | store GiB | store if all N took part GiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| population N | cohort K | store | s/round | of it store s | first round s | peak host RSS GiB | "
+           "peak device GiB | clients stored | store GiB (on disk) | store if all N took part GiB | load avg |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['population']:,} | {r['cohort']:,} | {r['s_per_round']:.3f} | "
+        out.append(f"| {r['population']:,} | {r['cohort']:,} | {r['store']}{' (prefilled)' * r['prefill']} | "
+                   f"{r['s_per_round']:.3f} | {r['store_s_per_round']:.3f} | "
                    f"{r['first_round_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['peak_device_gib']:.2f} | "
-                   f"{r['clients_taken_part']:,} | {r['store_gib']:.3f} | {r['store_if_all_gib']:.1f} |")
+                   f"{r['clients_taken_part']:,} | {r['store_gib']:.3f} ({r['store_disk_gib']:.3f}) | "
+                   f"{r['store_if_all_gib']:.1f} | {r['load_avg_before'][0]:.1f} |")
     return "\n".join(out)
 
 
@@ -142,6 +189,16 @@ def main(argv=None) -> int:
     p.add_argument("--align-buffer-size", type=int, default=64)
     p.add_argument("--align-epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--store", choices=("ram", "disk", "auto"), default="ram",
+                   help="where the population store keeps its rows")
+    p.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map", "chunked", "unroll"),
+                   help="how the client axis runs (Config.strategy)")
+    p.add_argument("--store-dir", default=None, help="directory of a disk store, emptied and removed (default: a temporary one)")
+    p.add_argument("--prefill", action="store_true",
+                   help="write every client's row before the first round (a store as after every "
+                        "client took part)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="after the rounds, time writing the store into a checkpoint and reading it back")
     p.add_argument("--bytes-table", action="store_true", help="print the per-client bytes table and exit")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--one", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
@@ -151,7 +208,9 @@ def main(argv=None) -> int:
         return 0
     if args.one:
         print(json.dumps(measure(*args.one, args.rounds, args.samples_per_client, args.align_buffer_size,
-                                 args.batch_size, args.align_epochs)))
+                                 args.batch_size, args.align_epochs, store=args.store,
+                                 store_dir=args.store_dir, prefill=args.prefill,
+                                 strategy=args.strategy, checkpoint=args.checkpoint)))
         return 0
     if args.population is None:
         settings = [(100_000, k) for k in (10, 100, 1000)] + [(n, 100) for n in (1_000, 10_000)]

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fslsage_jax import checkpoint  # noqa: E402
 from fslsage_jax import experiment as ex  # noqa: E402
 from fslsage_jax.algorithms import ALGORITHMS  # noqa: E402
+from fslsage_jax.client_store import RAM_LIMIT_BYTES  # noqa: E402
 from fslsage_jax.memory import DeviceMemoryError  # noqa: E402
 from fslsage_jax.presets import PRESETS, preset_defaults  # noqa: E402
 from fslsage_jax.results import format_table  # noqa: E402
@@ -192,6 +193,9 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     a("--cohort-size", "K clients drawn per round out of the --num-clients population (default: all; "
                        "persistent per-client state then lives on the host)", g, type=int, metavar="K")
     a("--cohort-weighted", "draw the cohort with probability proportional to shard size", g)
+    a("--population-store", "where the clients' persistent state lives between their rounds: auto "
+                            f"(RAM up to {RAM_LIMIT_BYTES / 2 ** 30:g} GiB, memory-mapped files in "
+                            "--out/population_store beyond), ram, disk; results are identical", g)
     a("--synthetic-shape", "--dataset synthetic: image shape HxWxC", g)
     a("--synthetic-samples-per-client", "--dataset synthetic: training samples per client (0: 1024 in "
                                         "all)", g)

@@ -28,12 +28,18 @@ A client away for several rounds keeps its persistent state as it left it,
 including its optimizer moments and step count (the authors' code keeps each
 client's optimizer object across rounds; nothing decays while a client is away).
 A client never drawn holds the initial state and costs no memory: the store
-allocates rows only for clients that have taken part.
+allocates rows only for clients that have taken part. The store
+(:class:`~fslsage_jax.client_store.ClientStore`) keeps its rows in RAM up to a
+limit and in memory-mapped block files on disk beyond it (``store``: ``auto``, the
+default, puts what exceeds :data:`~fslsage_jax.client_store.RAM_LIMIT_BYTES` on disk;
+``ram``; ``disk``), in ``RUN_DIR/population_store/`` (a temporary directory without a
+run directory, or in processes other than 0); the directory is scratch, removed by
+``close()``: a checkpoint holds its own copy of the rows (``population.npz``).
 
 With full participation (K = N, the default) none of this runs: the state stays
 on the device (:class:`AllClients`). The simulation loop drives both through the
 same interface: ``start(state)``, ``inputs(state, t) -> (state, data)``,
-``write_back(state)``, ``save(dir)``, ``load(dir)``, ``summary()``.
+``write_back(state)``, ``save(dir)``, ``load(dir)``, ``summary()``, ``close()``.
 """
 from __future__ import annotations
 
@@ -45,8 +51,13 @@ import numpy as np
 
 from fslsage_jax import sharding
 from fslsage_jax.algorithms.engine import ClientArrays
+from fslsage_jax.client_store import RAM_LIMIT_BYTES, STORES, ClientStore, check_store, ram_limit
+
+__all__ = ["STORE_DIR", "STORE_FILE", "AllClients", "ClientStore", "Cohort", "RAM_LIMIT_BYTES", "STORES",
+           "bytes_per_client", "check_cohort", "fetch", "participation", "sample_cohort", "store_dir"]
 
 STORE_FILE = "population.npz"
+STORE_DIR = "population_store"
 _TAG = 0x636F686F          # "coho": keeps cohort draws apart from other uses of the seed
 
 
@@ -84,103 +95,6 @@ def sample_cohort(seed: int, t: int, population: int, k: int,
             raise ValueError(f"weighted cohort of {k}: only {np.count_nonzero(p)} clients hold data")
         ids = rng.choice(population, size=k, replace=False, p=p / p.sum())
     return np.sort(ids.astype(np.int64))
-
-
-class ClientStore:
-    """Per-client persistent state of a population, on the host (numpy).
-
-    Rows are allocated only for clients written at least once, in blocks of about
-    ``block_bytes``; every other client reads the initial row. Memory is therefore
-    ``rows taken part * bytes_per_client`` (rounded up to a block), never
-    ``N * bytes_per_client``.
-
-    Args:
-      initial: pytree of one client's initial state (no client axis).
-      population: N.
-      block_bytes: allocation granularity.
-    """
-
-    def __init__(self, initial: Any, population: int, block_bytes: int = 64 << 20):
-        leaves, self.treedef = jax.tree_util.tree_flatten(initial)
-        self.initial = [np.asarray(x) for x in leaves]
-        self.population = int(population)
-        self.bytes_per_client = int(sum(x.nbytes for x in self.initial))
-        self.block_rows = max(1, block_bytes // max(self.bytes_per_client, 1))
-        self.slot = np.full(self.population, -1, np.int64)   # client id -> row, -1: initial
-        self.blocks: list[list[np.ndarray]] = []              # [block][leaf] -> [block_rows, ...]
-        self.num_stored = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the allocated rows (plus the id table)."""
-        return len(self.blocks) * self.block_rows * self.bytes_per_client + self.slot.nbytes
-
-    def _grow(self, need: int) -> None:
-        while len(self.blocks) * self.block_rows < need:
-            self.blocks.append([np.empty((self.block_rows, *x.shape), x.dtype) for x in self.initial])
-
-    def gather(self, ids: np.ndarray) -> Any:
-        """The state of clients ``ids`` stacked on a leading axis (numpy pytree ``[len(ids), ...]``)."""
-        ids = np.asarray(ids, np.int64)
-        slots = self.slot[ids]
-        out = [np.broadcast_to(x, (len(ids), *x.shape)).copy() for x in self.initial]
-        for b in np.unique(slots[slots >= 0] // self.block_rows):
-            sel = (slots >= 0) & (slots // self.block_rows == b)
-            rows = slots[sel] % self.block_rows
-            for o, blk in zip(out, self.blocks[b]):
-                o[sel] = blk[rows]
-        return jax.tree_util.tree_unflatten(self.treedef, out)
-
-    def scatter(self, ids: np.ndarray, rows: Any) -> None:
-        """Store ``rows`` (pytree ``[len(ids), ...]``) as the state of clients ``ids`` (distinct)."""
-        ids = np.asarray(ids, np.int64)
-        new = ids[self.slot[ids] < 0]
-        self._grow(self.num_stored + len(new))
-        self.slot[new] = self.num_stored + np.arange(len(new))
-        self.num_stored += len(new)
-        slots = self.slot[ids]
-        leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(rows)]
-        for b in np.unique(slots // self.block_rows):
-            sel = slots // self.block_rows == b
-            r = slots[sel] % self.block_rows
-            for blk, x in zip(self.blocks[b], leaves):
-                blk[r] = x[sel]
-
-    def stored_ids(self) -> np.ndarray:
-        """Ids of the clients with a stored row, in row order."""
-        ids = np.flatnonzero(self.slot >= 0)
-        return ids[np.argsort(self.slot[ids])]
-
-    def save(self, path: str) -> None:
-        """Write the stored rows to ``path`` (``.npz``), synced; the caller makes it atomic
-        (e.g. inside a checkpoint directory published by a rename)."""
-        ids = self.stored_ids()
-        rows = jax.tree_util.tree_leaves(self.gather(ids))
-        with open(path, "wb") as f:
-            np.savez(f, ids=ids, **{f"leaf_{i:05d}": x for i, x in enumerate(rows)})
-            f.flush()
-            os.fsync(f.fileno())
-
-    def load(self, path: str) -> None:
-        """Replace the stored rows with those saved by :meth:`save`.
-
-        Raises:
-          ValueError: the file was saved for other shapes (another algorithm, model or config).
-        """
-        with np.load(path) as z:
-            ids = z["ids"]
-            rows = [z[f"leaf_{i:05d}"] for i in range(len(self.initial))]
-            if len(z.files) != len(self.initial) + 1 or any(
-                    r.shape[1:] != x.shape or r.dtype != x.dtype for r, x in zip(rows, self.initial)):
-                raise ValueError(f"{path}: the population store does not match this algorithm, "
-                                 f"model and configuration")
-        self.slot[:] = -1
-        self.blocks, self.num_stored = [], 0
-        if len(ids):
-            if ids.max() >= self.population:
-                raise ValueError(f"{path}: client id {ids.max()} outside the population of "
-                                 f"{self.population}")
-            self.scatter(ids, jax.tree_util.tree_unflatten(self.treedef, rows))
 
 
 def fetch(tree: Any) -> Any:
@@ -226,6 +140,9 @@ class AllClients:
         """No entries for the summary."""
         return {}
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 class Cohort:
     """K of N clients per round, their ``clients.own`` kept on the host between rounds
@@ -239,10 +156,16 @@ class Cohort:
       weighted: draw clients with probability proportional to their shard size.
       place_state, place_data: put a (host) state / ``ClientArrays`` on the devices
         (default ``jax.device_put``; sharded runs pass their mesh layout).
+      store: where the store keeps its rows: ``auto`` (RAM up to
+        :data:`~fslsage_jax.client_store.RAM_LIMIT_BYTES`, disk beyond), ``ram`` or ``disk``.
+      store_dir: the directory of its disk blocks, owned by the store (None: a temporary one).
     """
 
     def __init__(self, data: Any, cohort_size: int, seed: int, weighted: bool = False,
-                 place_state: Callable | None = None, place_data: Callable | None = None):
+                 place_state: Callable | None = None, place_data: Callable | None = None,
+                 store: str = "auto", store_dir: str | None = None):
+        check_store(store)
+        self.store_kind, self.store_dir = store, store_dir
         self.x, self.y = np.asarray(data.x), np.asarray(data.y)
         self.counts = np.asarray(data.counts, np.int32)
         self.population = int(self.counts.shape[0])
@@ -262,8 +185,10 @@ class Cohort:
         """Start the store from a freshly initialised K-client state (its row 0 of
         ``clients.own`` is every client's initial persistent state)."""
         rows = fetch(state.clients.own)
+        self.close()
         self.store = ClientStore(jax.tree_util.tree_map(lambda x: np.asarray(x)[0], rows),
-                                 self.population)
+                                 self.population, ram_bytes=ram_limit(self.store_kind),
+                                 directory=self.store_dir)
 
     def inputs(self, state: Any, t: int) -> tuple[Any, ClientArrays]:
         """Round ``t``'s cohort: ``state`` with the cohort's own rows gathered from the
@@ -290,10 +215,16 @@ class Cohort:
         self.store.load(path)
 
     def summary(self) -> dict:
-        """Cohort size, draw, clients that took part and the store's bytes."""
+        """Cohort size, draw, clients that took part and the store's bytes (of them on disk)."""
         return {"cohort_size": self.k, "cohort_weighted": self.weighted,
                 "clients_taken_part": self.store.num_stored,
-                "population_store_bytes": self.store.nbytes}
+                "population_store_bytes": self.store.nbytes,
+                "population_store_disk_bytes": self.store.disk_nbytes}
+
+    def close(self) -> None:
+        """Remove the store's disk blocks (the checkpoints keep their own copies)."""
+        if self.store is not None:
+            self.store.close()
 
 
 def bytes_per_client(state: Any) -> int:
@@ -303,11 +234,21 @@ def bytes_per_client(state: Any) -> int:
                    for x in jax.tree_util.tree_leaves(state.clients.own)))
 
 
+def store_dir(out_dir: str | None) -> str | None:
+    """Where a cohort run's disk store goes: ``out_dir/population_store`` in process 0 of a
+    run with an output directory, else None (a temporary directory)."""
+    if out_dir and jax.process_index() == 0:
+        return os.path.join(out_dir, STORE_DIR)
+    return None
+
+
 def participation(clients: Any, cohort_size: int | None, seed: int, weighted: bool = False,
-                  mesh: Any = None) -> AllClients | Cohort:
+                  mesh: Any = None, store: str = "auto", directory: str | None = None) -> AllClients | Cohort:
     """:class:`AllClients` (``cohort_size`` None or the population) or :class:`Cohort` for the
     padded ``clients`` data, placed on ``mesh`` (a client mesh of :mod:`fslsage_jax.sharding`)
-    or on the default device."""
+    or on the default device; a cohort's store is ``store`` with its disk blocks in
+    ``directory`` (see :class:`Cohort`)."""
+    check_store(store)
     place_data = place_state = None
     if mesh is not None:
         place_data = lambda d: jax.device_put(d, sharding.data_shardings(d, mesh))
@@ -317,4 +258,4 @@ def participation(clients: Any, cohort_size: int | None, seed: int, weighted: bo
         if mesh is not None:
             sharding.check_divisible(population, mesh)
         return AllClients(clients, place_data)
-    return Cohort(clients, cohort_size, seed, weighted, place_state, place_data)
+    return Cohort(clients, cohort_size, seed, weighted, place_state, place_data, store, directory)

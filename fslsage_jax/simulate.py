@@ -50,7 +50,7 @@ from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import make_evaluate, resolve_config
 from fslsage_jax.comm import KINDS, Ledger, round_bytes, sizes_of
 from fslsage_jax.memory import as_memory_error
-from fslsage_jax.population import Cohort, fetch, participation
+from fslsage_jax.population import Cohort, fetch, participation, store_dir
 from fslsage_jax.records import (json_safe, round_record, summarize_run, truncate_metrics,
                                  write_json_atomic)
 from fslsage_jax.results import read_metrics
@@ -136,6 +136,9 @@ class RunOptions:
         round is compiled for K clients and ``clients.own`` lives on the host, see
         :mod:`fslsage_jax.population`.
       cohort_weighted: draw the cohort with probability proportional to shard size.
+      population_store: where a cohort run keeps ``clients.own``: ``auto`` (RAM up to
+        ``population.RAM_LIMIT_BYTES``, memory-mapped files in ``out_dir/population_store``
+        or a temporary directory beyond), ``ram`` or ``disk``; results are the same.
       eval_every: evaluate the global model every this many rounds and after the last
         (0: only after the last).
 
@@ -157,6 +160,7 @@ class RunOptions:
     cohort_size: int | None = None
     cohort_weighted: bool = False
     eval_every: int = 1
+    population_store: str = "auto"
 
 
 class RoundEvent(NamedTuple):
@@ -264,7 +268,8 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
     if opts.devices != 1:
         from fslsage_jax import sharding
         mesh = sharding.client_mesh(opts.devices)
-    part = participation(task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted, mesh)
+    part = participation(task.clients, opts.cohort_size, opts.seed, opts.cohort_weighted, mesh,
+                         opts.population_store, store_dir(out_dir))
     if isinstance(part, Cohort):
         cfg = dataclasses.replace(cfg, num_clients=part.k)
     elif cfg.num_clients != part.population:
@@ -366,6 +371,7 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
             if stop_reason != "rounds":
                 break
     finally:
+        part.close()
         if bar is not None:
             bar.close()
         if metrics_file:

@@ -5,7 +5,8 @@ writes files.
 Each process has one CPU device; the client axis is sharded over both
 processes' devices (``devices="auto"``). Checked for full participation and for
 a cohort run (population 7, cohort 4), whose host-side population store is
-kept identical in every process.
+kept identical in every process. A 2-process cohort run of 3 rounds resumed by 2
+processes for 2 more (its store on disk) equals the uninterrupted 5-round 2-process run.
 """
 import json
 import os
@@ -43,11 +44,11 @@ SETUP = textwrap.dedent("""
 
     RUNS = {"full": (4, None), "cohort": (7, 4)}
 
-    def run(name, out, devices):
+    def run(name, out, devices, rounds=3, **kw):
         m, k = RUNS[name]
         return run_simulation("fsl_sage", task(m), RunOptions(
-            rounds=3, seed=1, progress=False, checkpoint_every=3, out_dir=out, devices=devices,
-            cohort_size=k))
+            rounds=rounds, seed=1, progress=False, checkpoint_every=3, out_dir=out, devices=devices,
+            cohort_size=k, **kw))
 """)
 
 WORKER = SETUP + textwrap.dedent("""
@@ -61,6 +62,14 @@ WORKER = SETUP + textwrap.dedent("""
     assert {d.process_index for d in mesh.devices.flat} == {0, 1}
     for name in RUNS:
         run(name, f"{out}/{name}-p{pid}", "auto")
+    # both processes resume a copy of the 3-round cohort run (every process reads the checkpoint)
+    import shutil
+    from jax.experimental import multihost_utils
+    if pid == 0:
+        shutil.copytree(f"{out}/cohort-p0", f"{out}/cohort-resumed")
+    multihost_utils.sync_global_devices("copied")
+    run("cohort", f"{out}/cohort-resumed", "auto", rounds=5, resume=True, population_store="disk")
+    run("cohort", f"{out}/cohort5-p{pid}", "auto", rounds=5)
     print("DONE", pid, flush=True)
 """)
 
@@ -126,6 +135,20 @@ def test_only_process_zero_writes(runs):
         assert [c.name for c in (p0 / "checkpoints").iterdir()] == ["round_000003"]
         assert not (out / f"{name}-p1").exists()
     assert (out / "cohort-p0" / "checkpoints" / "round_000003" / "population.npz").is_file()
+
+
+def test_two_processes_resume_a_two_process_cohort_run(runs):
+    out, _, _ = runs
+    drop = ("round_time_s", "eval_time_s")
+    got, ref = ([{k: v for k, v in r.items() if k not in drop} for r in _lines(out / d / "metrics.jsonl")]
+                for d in ("cohort-resumed", "cohort5-p0"))
+    assert len(got) == 5 and got == ref
+    s, s_ref = (json.loads((out / d / "summary.json").read_text()) for d in ("cohort-resumed", "cohort5-p0"))
+    assert s["rounds_run"] == 5 and s["comm"] == s_ref["comm"]
+    assert s["clients_taken_part"] == s_ref["clients_taken_part"]
+    assert s["population_store_disk_bytes"] > 0 == s_ref["population_store_disk_bytes"]
+    assert [c.name for c in (out / "cohort-resumed" / "checkpoints").iterdir()] == ["round_000003", "round_000005"]
+    assert not (out / "cohort-resumed" / "population_store").exists() and not (out / "cohort5-p1").exists()
 
 
 def test_a_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):

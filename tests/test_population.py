@@ -4,6 +4,9 @@ The cohort round is checked against a reference written independently here: a
 Python dict per client holds its persistent state, the K-client state is built
 by hand for each round's cohort and ``run_round`` runs on it directly.
 """
+import os
+import tempfile
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -190,3 +193,103 @@ def test_full_participation_takes_the_device_path(tmp_path):
     b = _sim("cse_fsl", tmp_path / "b", cohort_size=N, rounds=2)
     assert "cohort_size" not in a and "cohort_size" not in b
     assert _lines(tmp_path / "a" / "metrics.jsonl") == _lines(tmp_path / "b" / "metrics.jsonl")
+
+
+def _store_kit():
+    """One client's state with leaves of several dtypes and shapes (scalars included)."""
+    return {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.int32(7),
+            "m": np.array([True, False, True]), "d": np.float64(-1.5)}
+
+
+def _random_rows(rng, n):
+    return {"w": rng.normal(size=(n, 2, 3)).astype(np.float32), "n": rng.integers(-9, 9, n).astype(np.int32),
+            "m": rng.random((n, 3)) > 0.5, "d": rng.normal(size=n)}
+
+
+def test_disk_and_mixed_stores_equal_a_dict_of_rows(tmp_path):
+    """RAM, disk (own folder or a temporary one) and RAM-then-disk stores give what a plain
+    dict of rows gives, across blocks; checkpoints move between them; close removes the files."""
+    init, pop, bpc = _store_kit(), 500, 24 + 4 + 3 + 8
+    stores = {"ram": ClientStore(init, pop, block_bytes=4 * bpc),
+              "disk": ClientStore(init, pop, block_bytes=4 * bpc, ram_bytes=0, directory=str(tmp_path / "d")),
+              "tmp": ClientStore(init, pop, block_bytes=4 * bpc, ram_bytes=0),
+              "mixed": ClientStore(init, pop, block_bytes=4 * bpc, ram_bytes=2 * 4 * bpc)}
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "block_00003.npy").write_bytes(b"left by a killed run")
+    rng, ref = np.random.default_rng(0), {}
+    for _ in range(12):
+        ids = rng.choice(pop, size=rng.integers(1, 9), replace=False)
+        rows = _random_rows(rng, len(ids))
+        for j, i in enumerate(ids):
+            ref[int(i)] = {k: v[j] for k, v in rows.items()}
+        probe = rng.choice(pop, size=10, replace=False)
+        for s in stores.values():
+            s.scatter(ids, rows)
+            got = s.gather(probe)
+            for j, i in enumerate(probe):
+                for k, v in ref.get(int(i), init).items():
+                    np.testing.assert_array_equal(got[k][j], v)
+                    assert got[k].dtype == np.asarray(v).dtype
+    ram, disk, tmp, mixed = stores.values()
+    assert ram.num_stored == disk.num_stored == len(ref) and len(ram.blocks) >= 5
+    assert ram.disk_nbytes == 0 and disk.ram_nbytes == disk.slot.nbytes and 0 < mixed.disk_nbytes < mixed.nbytes
+    assert sorted(os.listdir(tmp_path / "d")) == [f"block_{b:05d}.npy" for b in range(len(disk.blocks))]
+    # the checkpoint file is a plain .npz: rows in row order of stored_ids
+    disk.save(str(tmp_path / "disk.npz"))
+    with np.load(tmp_path / "disk.npz") as z:
+        ids = z["ids"]
+        assert sorted(ids.tolist()) == sorted(ref)
+        for leaf, key in zip(sorted(z.files)[1:], ("d", "m", "n", "w")):   # tree_flatten's key order
+            np.testing.assert_array_equal(z[leaf], np.stack([ref[int(i)][key] for i in ids]))
+    for dst in (ClientStore(init, pop, block_bytes=3 * bpc), mixed, tmp):
+        dst.load(str(tmp_path / "disk.npz"))
+        for a, b in zip(jax.tree_util.tree_leaves(dst.gather(np.arange(pop))),
+                        jax.tree_util.tree_leaves(ram.gather(np.arange(pop)))):
+            np.testing.assert_array_equal(a, b)
+    tmp_dir = tmp._dir
+    assert tmp_dir and os.listdir(tmp_dir)
+    for s in stores.values():
+        s.close()
+    assert not (tmp_path / "d").exists() and not os.path.exists(tmp_dir)
+
+
+def _run(algo, out, **kw):
+    from fslsage_jax.simulate import run
+    callbacks = kw.pop("callbacks", ())
+    kw = {"rounds": 4, "seed": 3, "progress": False, "checkpoint_every": 4, "cohort_size": K, **kw}
+    task = Task(TOY, toy_config(num_clients=N), _pop_data(), TEST_X, TEST_Y)
+    return run(algo, task, RunOptions(out_dir=None if out is None else str(out), **kw), callbacks)
+
+
+def test_cohort_run_on_disk_equals_ram_and_resumes(tmp_path, monkeypatch):
+    from fslsage_jax import client_store
+    seen = []
+
+    def look(ev):     # the working store during the run: block files in RUN_DIR/population_store
+        seen.append(sorted(os.listdir(tmp_path / "disk" / population.STORE_DIR)))
+
+    ram = _run("fsl_sage", tmp_path / "ram", population_store="ram")
+    disk = _run("fsl_sage", tmp_path / "disk", population_store="disk", callbacks=[look])
+    assert seen and all(s and s[0] == "block_00000.npy" for s in seen)
+    assert not (tmp_path / "disk" / population.STORE_DIR).exists()       # removed at the end
+    assert ram.summary["population_store_disk_bytes"] == 0 < disk.summary["population_store_disk_bytes"]
+    assert _lines(tmp_path / "ram" / "metrics.jsonl") == _lines(tmp_path / "disk" / "metrics.jsonl")
+    for a, b in zip(jax.tree_util.tree_leaves(ram.state), jax.tree_util.tree_leaves(disk.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # interrupted on disk with a corrupt working store left behind, resumed on disk
+    _run("fsl_sage", tmp_path / "run", population_store="disk", stop_requested=StopAfter(2))
+    os.makedirs(tmp_path / "run" / population.STORE_DIR)
+    (tmp_path / "run" / population.STORE_DIR / "block_00000.npy").write_bytes(b"\0" * 100)
+    _run("fsl_sage", tmp_path / "run", population_store="disk", resume=True)
+    assert _lines(tmp_path / "run" / "metrics.jsonl") == _lines(tmp_path / "ram" / "metrics.jsonl")
+    # auto: RAM below the limit, disk above it; without out_dir a temporary folder, removed
+    monkeypatch.setattr(client_store, "RAM_LIMIT_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    during = []
+    auto = _run("fsl_sage", None, rounds=2, callbacks=[lambda ev: during.append(os.listdir(tmp_path / "tmp"))])
+    assert auto.summary["population_store_disk_bytes"] > 0 and during[0][0].startswith("fslsage-population-")
+    assert os.listdir(tmp_path / "tmp") == []
+    assert [r["train_loss"] for r in auto.records] == [r["train_loss"] for r in ram.records[:2]]
+    with pytest.raises(ValueError, match="population store 'ssd'"):
+        _run("fsl_sage", None, population_store="ssd")

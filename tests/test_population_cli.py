@@ -55,6 +55,7 @@ def test_cohort_run_killed_in_a_save_resumes_exactly(tmp_path, env):
 @pytest.mark.parametrize("flags,msg", [
     (["--cohort-size", "0"], "--cohort-size 0: must lie in 1..40"),
     (["--cohort-size", "41"], "--cohort-size 41: must lie in 1..40"),
+    (["--population-store", "disk"], "--population-store disk: only with --cohort-size smaller than"),
     (["--num-processes", "2", "--process-id", "2", "--coordinator", "127.0.0.1:9"],
      "--process-id 2: must lie in 0..1"),
     (["--num-processes", "2", "--process-id", "-1", "--coordinator", "127.0.0.1:9"],

@@ -121,7 +121,8 @@ def _simulate(exp: Experiment, name: str, run_dir: str | None, resume: bool, sto
         rounds=cfg.rounds, seed=cfg.seed, comm_budget_bytes=int(cfg.comm_budget_gib * 2 ** 30),
         out_dir=run_dir, target_accuracy=cfg.target_accuracy, progress=not cfg.no_progress,
         checkpoint_every=cfg.checkpoint_every, resume=resume, stop_requested=stop_requested, log=log,
-        devices=run_devices(cfg), cohort_size=cfg.cohort_size, cohort_weighted=cfg.cohort_weighted))
+        devices=run_devices(cfg), cohort_size=cfg.cohort_size, cohort_weighted=cfg.cohort_weighted,
+        population_store=cfg.population_store))
 
 
 def run(exp: Experiment, *, stop_requested: Callable[[], bool] | None = None, log: Log | None = None,

@@ -17,6 +17,7 @@ import dataclasses
 from fslsage_jax.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from fslsage_jax.algorithms.config import (ALIGN_TARGET_SCALES, FEDAVG_SERVERS, OPTIMIZERS, STEP_LOOPS,
                                            STRATEGIES, Config)
+from fslsage_jax.client_store import STORES
 from fslsage_jax.data import DISTRIBUTIONS
 from fslsage_jax.experiment.tasks import BUILTIN_DATASETS, BUILTIN_MODELS, GPT2_SIZES
 from fslsage_jax.presets import PRESETS, preset_defaults
@@ -92,6 +93,7 @@ class ExperimentConfig:
     no_progress: bool = _may_differ(False)
     cohort_size: int | None = None
     cohort_weighted: bool = False
+    population_store: str = _may_differ("auto")
     synthetic_shape: str = _task("32x32x3")
     synthetic_samples_per_client: int = _task(0)
     coordinator: str | None = _may_differ(None)
@@ -124,7 +126,8 @@ def choices() -> dict[str, tuple]:
             "optimizer": OPTIMIZERS,
             "distribution": ("iid",) + tuple(d for d in DISTRIBUTIONS if d != "iid"), "gpt2_size": GPT2_SIZES,
             "strategy": ("auto",) + STRATEGIES, "step_loop": STEP_LOOPS,
-            "align_target_scale": ALIGN_TARGET_SCALES, "fedavg_server": FEDAVG_SERVERS}
+            "align_target_scale": ALIGN_TARGET_SCALES, "fedavg_server": FEDAVG_SERVERS,
+            "population_store": STORES}
 
 
 def preset_config(name: str, **overrides) -> ExperimentConfig:

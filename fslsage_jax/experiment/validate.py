@@ -133,6 +133,8 @@ def check_effective(cfg: ExperimentConfig, explicit: set[str]) -> None:
                 refuse(dest, only_for("dataset", BUILTIN_DATASETS, dest))
     if "cohort_weighted" in explicit and cfg.cohort == cfg.num_clients:
         refuse("cohort_weighted", "only with {cohort_size} smaller than {num_clients}")
+    if "population_store" in explicit and cfg.cohort == cfg.num_clients:
+        refuse("population_store", "only with {cohort_size} smaller than {num_clients}")
     if "chunk_size" in explicit and cfg.strategy != "chunked":
         refuse("chunk_size", "only for {strategy} chunked (not {})", cfg.strategy)
     model = BUILTIN_MODELS[cfg.model]
