@@ -5,8 +5,8 @@ of any flax modules, the clients' arrays and a test set; it returns a
 :class:`~fslsage_jax.simulate.Result` with the final state, the trained global
 model and the summary::
 
-    result = fslsage_jax.train("fsl_sage", split, (x_clients, y_clients), (x_test, y_test),
-                               Config(num_clients=4, batch_size=32), rounds=20)
+    result = fslsage_jax.train(name, split, (x_clients, y_clients), (x_test, y_test),
+                               Config(num_clients=4, batch_size=32), rounds=20)   # name: a key of ALGORITHMS
     logits, _ = apply_part(split.server, result.server,
                            apply_part(split.client, result.client, x_test, False)[0], False)
 """
