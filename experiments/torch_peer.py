@@ -162,6 +162,25 @@ def fedavg(clients, weights):
 
 
 # ----------------------------------------------------------------------------- the loop
+def _setup(x_train_parts, y_train_parts, x_test, y_test, num_classes, seed, threads):
+    """Threads, seeds, the data as NCHW tensors, m identical client models and the server:
+    ``(gen, xs, ys, xt, yt, clients, server, cut_dim)``."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))).float()
+    xs = [to_t(x) for x in x_train_parts]
+    ys = [torch.from_numpy(np.asarray(y)).long() for y in y_train_parts]
+    xt, yt = to_t(x_test), torch.from_numpy(np.asarray(y_test)).long()
+    in_ch = xs[0].shape[1]
+    client0 = Client(in_ch)
+    d = client0(xs[0][:1]).shape[1]
+    clients = [Client(in_ch) for _ in range(len(xs))]
+    for c in clients:
+        c.load_state_dict(client0.state_dict())
+    return gen, xs, ys, xt, yt, clients, Server(d, num_classes), d
+
+
 def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, batch_size: int,
                   num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4,
                   server_update_interval: int = 5, align_interval: int = 10,
@@ -182,21 +201,9 @@ def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, bat
       ``eval_time_s`` (median), ``first_eval_s``, ``train_time_s``, ``final_accuracy``,
       ``final_test_loss``, ``accuracies``.
     """
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))).float()
-    xs = [to_t(x) for x in x_train_parts]
-    ys = [torch.from_numpy(np.asarray(y)).long() for y in y_train_parts]
-    xt, yt = to_t(x_test), torch.from_numpy(np.asarray(y_test)).long()
-    m, in_ch = len(xs), xs[0].shape[1]
-
-    client0 = Client(in_ch)
-    d = client0(xs[0][:1]).shape[1]
-    clients = [Client(in_ch) for _ in range(m)]
-    for c in clients:
-        c.load_state_dict(client0.state_dict())
-    server = Server(d, num_classes)
+    gen, xs, ys, xt, yt, clients, server, d = _setup(x_train_parts, y_train_parts, x_test, y_test, num_classes,
+                                                     seed, threads)
+    m = len(xs)
     auxes = [Aux(d, num_classes) for _ in range(m)]
     for a in auxes[1:]:
         a.load_state_dict(auxes[0].state_dict())
@@ -262,20 +269,9 @@ def time_splitfed_ss(x_train_parts, y_train_parts, x_test, y_test, rounds: int, 
     step. End of round: FedAvg of the client models. Same arguments and result keys as
     :func:`time_fsl_sage` (no alignment rounds).
     """
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))).float()
-    xs = [to_t(x) for x in x_train_parts]
-    ys = [torch.from_numpy(np.asarray(y)).long() for y in y_train_parts]
-    xt, yt = to_t(x_test), torch.from_numpy(np.asarray(y_test)).long()
-    m, in_ch = len(xs), xs[0].shape[1]
-    client0 = Client(in_ch)
-    d = client0(xs[0][:1]).shape[1]
-    clients = [Client(in_ch) for _ in range(m)]
-    for c in clients:
-        c.load_state_dict(client0.state_dict())
-    server = Server(d, num_classes)
+    gen, xs, ys, xt, yt, clients, server, d = _setup(x_train_parts, y_train_parts, x_test, y_test, num_classes,
+                                                     seed, threads)
+    m = len(xs)
     copts = [torch.optim.Adam(c.parameters(), lr=lr, weight_decay=weight_decay) for c in clients]
     sopt = torch.optim.Adam(server.parameters(), lr=lr, weight_decay=weight_decay)
     counts = [len(y) for y in ys]
