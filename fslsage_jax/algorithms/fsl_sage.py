@@ -71,10 +71,11 @@ def build(ctx: Context) -> Parts:
     estimate = ctx.lift(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
                         shared=1)
     # alignment: align_client_chunk clients at once (vmapped), chunks one after another
-    align_all = lift(lambda fa, sv, av, ao, buf, k: steps.align(
+    # (rows: the most filled rows of any client, so that loops over rows are shared by all)
+    align_all = lift(lambda fa, sv, rows, av, ao, buf, k: steps.align(
         split, align_opt, av.with_frozen(fa), ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size,
-        cfg.align_target_scale), cfg.strategy if cfg.align_client_chunk >= m or cfg.strategy == "loop"
-        else "chunked", cfg.align_client_chunk, shared=2)
+        cfg.align_target_scale, rows), cfg.strategy if cfg.align_client_chunk >= m or cfg.strategy == "loop"
+        else "chunked", cfg.align_client_chunk, shared=3)
 
     def sage_step(state, b, t, rng, acc):
         fc, fs, fa = frozen_of(state)
@@ -89,8 +90,8 @@ def build(ctx: Context) -> Parts:
                      own.buffer)
 
         def do_align(av, ao):
-            av, ao, (first_l, last_l) = align_all(fa, sv.with_frozen(fs), av, ao, buf,
-                                                  jax.random.split(ka, m))
+            av, ao, (first_l, last_l) = align_all(fa, sv.with_frozen(fs), jnp.max(buf.size), av, ao,
+                                                  buf, jax.random.split(ka, m))
             return av, ao, jnp.mean(first_l), jnp.mean(last_l), jnp.int32(m)
         own_round = state.round - cfg.warm_start          # rounds after the warm start
         aligning = (t == 0) & (own_round >= 0) & (own_round % cfg.align_interval == 0)

@@ -25,6 +25,7 @@ import optax
 
 from fslsage_jax.algorithms.batching import masked_mean, shuffled_order
 from fslsage_jax.algorithms.buffer import Buffer, buffer_mask
+from fslsage_jax.algorithms.trees import tree_where
 from fslsage_jax.split import SplitModel, Vars, apply_part, batch_mask, prepare_input
 
 
@@ -134,52 +135,89 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-30)
 
 
-def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | None = None) -> jax.Array:
+# Rows per alignment micro-batch: an alignment minibatch is processed this many rows at a
+# time (gradients summed), so work follows the filled rows, not the buffer's capacity.
+ALIGN_MICRO_BATCH = 32
+
+
+def _stateless(v: Vars) -> bool:
+    return not jax.tree_util.tree_leaves(v.state)
+
+
+def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | None = None,
+                      rows: jax.Array | None = None) -> jax.Array:
     """True per-sample cut-layer gradients of the buffered samples, current server.
 
     Returns ``[cap, ...]``: ``n * grad_z mean_i L(server(z_i), y_i)`` over the
     ``n`` valid entries (zero on empty slots). Dividing by a minibatch's valid
     count gives the gradient of that minibatch's mean loss.
 
-    ``chunk``: compute them ``chunk`` samples at a time (bounded memory) when the
-    server has no batch statistics, where a sample's gradient does not depend on
-    the others in its batch (the result is the same); with BatchNorm the whole
-    buffer is one batch, as in the authors' code.
+    ``chunk``: compute them ``chunk`` samples at a time, only over the last ``rows``
+    buffer rows (default: all; the valid entries are the last ``buf.size``), when the
+    server has no batch statistics, where a sample's gradient does not depend on the
+    others in its batch (the result is the same). With BatchNorm the whole buffer is
+    one batch, as in the authors' code.
     """
     w = buffer_mask(buf)
     cap = buf.z.shape[0]
-    if chunk is None or chunk >= cap or jax.tree_util.tree_leaves(sv.state):
+    if chunk is None or chunk >= cap or not _stateless(sv):
         f = lambda z: part_loss(split, split.server, sv, z, buf.y, w, True)[0]
         return jax.grad(f)(buf.z) * jnp.maximum(jnp.sum(w), 1.0)
-    n = -(-cap // chunk)
-    pad = lambda a: jnp.concatenate([a, jnp.zeros((n * chunk - cap, *a.shape[1:]), a.dtype)])
-    parts = [pad(a).reshape(n, chunk, *a.shape[1:]) for a in (buf.z, buf.y, w)]
-    # per chunk: grad of the chunk's SUM of losses = per-sample gradients
-    per = jax.lax.map(lambda t: jax.grad(lambda z: part_loss(split, split.server, sv, z, t[1], t[2],
-                                                              True)[0])(t[0]) * jnp.maximum(jnp.sum(t[2]), 1.0),
-                      tuple(parts))
-    return per.reshape(n * chunk, *buf.z.shape[1:])[:cap]
+    rows = cap if rows is None else rows
+
+    def one_chunk(c, target):
+        # chunk c covers rows [cap - (c+1) chunk, cap - c chunk); the first one is clamped at
+        # row 0 and rewrites a few rows with the same per-sample values
+        start = jnp.maximum(cap - (c + 1) * chunk, 0)
+        z, y, wc = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (buf.z, buf.y, w))
+        # the gradient of the chunk's SUM of losses = per-sample gradients
+        g = jax.grad(lambda z: part_loss(split, split.server, sv, z, y, wc, True)[0])(z)
+        return jax.lax.dynamic_update_slice_in_dim(target, g * jnp.maximum(jnp.sum(wc), 1.0), start, 0)
+    n = (jnp.minimum(rows, cap) + chunk - 1) // chunk
+    return jax.lax.fori_loop(0, n, one_chunk, jnp.zeros_like(buf.z))
 
 
 def alignment_loss(split: SplitModel, aux_params: Any, aux_state: Any, z: jax.Array,
-                   y: jax.Array, w: jax.Array, target: jax.Array, aux_frozen: Any = None) -> jax.Array:
+                   y: jax.Array, w: jax.Array, target: jax.Array, aux_frozen: Any = None,
+                   count: jax.Array | None = None) -> jax.Array:
     """Squared error, summed over elements, between the auxiliary cut-layer gradient
     (of the minibatch's mean auxiliary loss) and the server's (``target``, already
-    scaled to the same minibatch mean)."""
+    scaled to the same minibatch mean).
+
+    ``count``: the minibatch's number of valid samples when ``z`` holds only part of it
+    (a stateless auxiliary model's per-sample gradients are then those of the whole
+    minibatch's mean); default: the valid samples of ``w``."""
     g_hat = aux_grad_estimate(split, Vars(aux_params, aux_state, aux_frozen), z, y, w)
+    if count is not None:
+        g_hat = g_hat * (jnp.maximum(jnp.sum(w), 1.0) / jnp.maximum(count, 1))
     wz = w.reshape(w.shape + (1,) * (z.ndim - 1))
     return jnp.sum(((g_hat - target) * wz) ** 2)
 
 
+def _prefix_order(key: jax.Array, count: jax.Array, rows: jax.Array, cap: int) -> jax.Array:
+    """``shuffled_order(key, count, cap)`` where only the first ``rows >= count`` entries
+    are read: sorted over the smallest of 64, 128, ... , ``cap`` entries that covers
+    ``rows`` (the same shuffle: the uniform draws of a prefix do not depend on the length)."""
+    sizes = [w for w in (64 << i for i in range(max(cap, 64).bit_length())) if w < cap] + [cap]
+    if len(sizes) == 1:
+        return shuffled_order(key, count, cap)
+    branches = [lambda w=w: jnp.pad(shuffled_order(key, count, w), (0, cap - w)) for w in sizes]
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), rows), branches)
+
+
 def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_state: Any,
           sv: Vars, buf: Buffer, key: jax.Array, epochs: int, batch_size: int,
-          target_scale: str = "minibatch"):
+          target_scale: str = "minibatch", rows: jax.Array | None = None):
     """Fit the auxiliary model's cut-layer gradient to the server's on a buffer.
 
     ``epochs`` passes over the valid buffer entries in shuffled minibatches of
     ``batch_size``; one optimizer step per minibatch on :func:`alignment_loss`
     (this differentiates a gradient: second order). Targets are recomputed
     once with the CURRENT server.
+
+    Work follows the filled rows: minibatches and server targets run only over the last
+    ``rows`` buffer rows, and a stateless auxiliary model's minibatch is processed
+    ``ALIGN_MICRO_BATCH`` rows at a time (its gradient summed: the same step).
 
     Args:
       split, opt: the split model and the alignment optimizer (Adam 1e-3).
@@ -189,6 +227,9 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
       key: shuffling key.
       epochs, batch_size: passes over the buffer and alignment minibatch size.
       target_scale: ``"minibatch"`` or ``"buffer"`` (above).
+      rows: an upper bound on the valid entries, the same for every client when lifted
+        over clients (default ``buf.size``): loops run over this many rows, so that
+        their trip counts are not per client under ``vmap``.
     Returns:
       ``(new_av, new_opt_state, (loss_first_epoch, loss_last_epoch))``, losses
       summed over the epoch's minibatches.
@@ -196,32 +237,40 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
     if target_scale not in ("minibatch", "buffer"):
         raise ValueError(f"target_scale {target_scale!r}: choose minibatch or buffer")
     cap = buf.z.shape[0]
-    target = alignment_targets(split, sv, buf, batch_size)
     n_valid = buf.size
-    nb = -(-cap // batch_size)
+    rows = n_valid if rows is None else jnp.minimum(rows, cap)
+    mu = min(ALIGN_MICRO_BATCH, batch_size) if _stateless(av) else batch_size
+    target = alignment_targets(split, sv, buf, min(batch_size, mu), rows)
     loss_and_grad = jax.value_and_grad(alignment_loss, argnums=1)
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, av.params)
 
     def epoch(carry, ekey):
         params, ostate = carry
         # valid entries sit at the end: rotate them to the front, then shuffle them
-        order = (shuffled_order(ekey, n_valid, cap) + (cap - n_valid)) % cap
+        order = (_prefix_order(ekey, n_valid, rows, cap) + (cap - n_valid)) % cap
 
-        def minibatch(carry, j):
+        def minibatch(j, carry):
             params, ostate, total = carry
-            pos = j * batch_size + jnp.arange(batch_size)
-            idx = order[jnp.minimum(pos, cap - 1)]
-            w = (pos < n_valid).astype(jnp.float32)
-            scale = 1.0 / jnp.maximum(jnp.sum(w) if target_scale == "minibatch" else n_valid, 1)
-            loss, grads = loss_and_grad(split, params, av.state, buf.z[idx], buf.y[idx], w,
-                                        target[idx] * scale, av.frozen)
-            updates, new_os = opt.update(grads, ostate, params)
-            active = j * batch_size < n_valid
-            new_p = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b),
-                                           optax.apply_updates(params, updates), params)
-            new_os = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new_os, ostate)
-            return (new_p, new_os, total + loss), None
+            start = j * batch_size
+            count = jnp.clip(n_valid - start, 0, batch_size)
+            scale = 1.0 / jnp.maximum(count if target_scale == "minibatch" else n_valid, 1)
 
-        (params, ostate, total), _ = jax.lax.scan(minibatch, (params, ostate, 0.0), jnp.arange(nb))
+            def micro(u, acc):
+                pos = start + u * mu + jnp.arange(mu)
+                idx = order[jnp.minimum(pos, cap - 1)]
+                w = ((pos < n_valid) & (pos < start + batch_size)).astype(jnp.float32)
+                loss, g = loss_and_grad(split, params, av.state, buf.z[idx], buf.y[idx], w,
+                                        target[idx] * scale, av.frozen, count)
+                return acc[0] + loss, jax.tree_util.tree_map(jnp.add, acc[1], g)
+            n_micro = (jnp.minimum(rows - start, batch_size) + mu - 1) // mu
+            loss, grads = jax.lax.fori_loop(0, n_micro, micro, (jnp.zeros(()), zero_grads))
+            updates, new_os = opt.update(grads, ostate, params)
+            new = (optax.apply_updates(params, updates), new_os)
+            params, ostate = tree_where(count > 0, new, (params, ostate))
+            return params, ostate, total + loss
+
+        n_mb = (rows + batch_size - 1) // batch_size
+        params, ostate, total = jax.lax.fori_loop(0, n_mb, minibatch, (params, ostate, jnp.zeros(())))
         return (params, ostate), total
 
     (params, opt_state), losses = jax.lax.scan(epoch, (av.params, opt_state),
