@@ -56,7 +56,9 @@ def test_non_empty_out_is_refused(tmp_path, capsys):
 
 
 def test_auto_strategy_follows_the_measurements():
-    from fslsage_jax.algorithms.lifting import auto_strategy
-    assert auto_strategy("cpu", (8, 8, 1)) == "vmap"        # digits: vmap 2x faster than unroll
-    assert auto_strategy("cpu", (32, 32, 3)) == "unroll"    # CIFAR-sized: unroll 3.4x faster
+    from fslsage_jax.algorithms.lifting import AUTO_CHUNK_SIZE, auto_settings, auto_strategy
+    assert auto_settings("cpu", (8, 8, 1), 1024) == {"strategy": "chunked", "chunk_size": AUTO_CHUNK_SIZE}
+    assert auto_strategy("cpu", (32, 32, 3), 4) == "unroll"    # CIFAR-sized: unroll 3.4x faster
+    assert auto_strategy("cpu", (32, 32, 3), 64) == "vmap"     # unroll's compile grows with m
+    assert auto_strategy("cpu", (16,)) == "vmap"               # not an image
     assert auto_strategy("gpu", (32, 32, 3)) == "vmap"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fslsage_jax.models.cnn import CNNClient
-from fslsage_jax.models.layers import conv_patches, local_response_norm, max_pool_3x3_s2
+from fslsage_jax.models.layers import conv_patches, conv_rows, local_response_norm, max_pool_3x3_s2
 
 RTOL = 1e-5
 
@@ -114,6 +114,20 @@ def test_conv_patches_value_and_gradients(shape, kernel, pads):
     x, k = normal(4, shape), normal(5, kernel + (shape[-1], 5), 0.2)
     close(vjp_of(lambda x, k: conv_patches(x, k, pads), x, k),
           vjp_of(lambda x, k: ref_conv(x, k, pads), x, k))
+
+
+@pytest.mark.parametrize("shape,kernel,pads", [
+    ((3, 4, 4, 8), (5, 5), ((2, 2), (2, 2))), ((2, 5, 3, 2), (5, 5), ((2, 2), (2, 2))),
+    ((2, 6, 7, 3), (4, 2), ((1, 2), (0, 1))), ((2, 6, 6, 3), (3, 3), ((0, 0), (0, 0)))])
+def test_conv_rows_value_and_gradients(shape, kernel, pads):
+    x, k = normal(4, shape), normal(5, kernel + (shape[-1], 5), 0.2)
+    close(vjp_of(lambda x, k: conv_rows(x, k, pads), x, k),
+          vjp_of(lambda x, k: ref_conv(x, k, pads), x, k))
+
+
+def test_conv_rows_vmapped_over_client_kernels():
+    x, k = normal(6, (4, 3, 4, 4, 8)), normal(7, (4, 5, 5, 8, 6), 0.2)
+    close(vjp_of(jax.vmap(conv_rows), x, k), vjp_of(jax.vmap(ref_conv), x, k))
 
 
 def test_conv_patches_vmapped_over_client_kernels():

@@ -19,7 +19,7 @@ import numpy as np
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.batching import epoch_orders, gather_batch, steps_per_epoch
 from fslsage_jax.algorithms.config import ALIGN_CHUNK_BYTES, EVAL_LOGITS_BYTES, Config
-from fslsage_jax.algorithms.lifting import auto_strategy, branch, lift, sequential
+from fslsage_jax.algorithms.lifting import auto_settings, branch, lift, sequential
 from fslsage_jax.algorithms.trees import broadcast, tree_where, weighted_average
 from fslsage_jax.split import SplitModel, Vars, apply_part, cut_shape, init_split, prepare_input
 
@@ -34,7 +34,7 @@ def resolve_config(cfg: Config, split: SplitModel) -> Config:
     (memory bounds, see :class:`Config`)."""
     new = {}
     if cfg.strategy == "auto":
-        new["strategy"] = auto_strategy(jax.default_backend(), tuple(split.input_shape), cfg.num_clients)
+        new.update(auto_settings(jax.default_backend(), tuple(split.input_shape), cfg.num_clients))
     if cfg.align_client_chunk <= 0:
         z_shape, z_dtype = cut_shape(split)
         buf = cfg.align_buffer_size * int(np.prod(z_shape)) * np.dtype(z_dtype).itemsize
@@ -174,11 +174,14 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int,
     one_j = one if cfg.strategy == "loop" else jax.jit(one, donate_argnums=(0, 1), out_shardings=out)
     finish_j = jax.jit(finish, donate_argnums=(0, 1), out_shardings=out)
 
+    zeros_j = jax.jit(zero_metrics)
+
     def run_round(state, data, key):
+        # no eager op here (an eager op waits for the queued steps): the host runs ahead
         orders, kstep = begin_j(data, key)
-        acc = zero_metrics()
+        acc = zeros_j()
         for t in range(num_steps):
-            state, acc = one_j(state, acc, data, orders, kstep, jnp.int32(t))
+            state, acc = one_j(state, acc, data, orders, kstep, np.int32(t))
         return finish_j(state, acc, data)
 
     def lower_all(state, data):

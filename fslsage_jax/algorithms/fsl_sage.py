@@ -74,8 +74,9 @@ def build(ctx: Context) -> Parts:
     # (rows: the most filled rows of any client, so that loops over rows are shared by all)
     align_all = lift(lambda fa, sv, rows, av, ao, buf, k: steps.align(
         split, align_opt, av.with_frozen(fa), ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size,
-        cfg.align_target_scale, rows), cfg.strategy if cfg.align_client_chunk >= m or cfg.strategy == "loop"
-        else "chunked", cfg.align_client_chunk, shared=3)
+        cfg.align_target_scale, rows), *((cfg.strategy, cfg.chunk_size) if cfg.align_client_chunk >= m
+                                         or cfg.strategy == "loop" else ("chunked", cfg.align_client_chunk)),
+        shared=3)
 
     def sage_step(state, b, t, rng, acc):
         fc, fs, fa = frozen_of(state)

@@ -18,24 +18,35 @@ import jax.numpy as jnp
 from fslsage_jax.algorithms.config import STRATEGIES
 
 UNROLL_MAX_CLIENTS = 16
+AUTO_CHUNK_SIZE = 2
 
 
 def auto_strategy(backend: str, input_shape: tuple, num_clients: int | None = None) -> str:
     """The client-axis strategy measured fastest for a backend and input shape.
 
-    Measured on a 2-core XLA:CPU (jax 0.10.2, the ``cnn`` model, host step
-    loop; see BENCHMARKS.md): for 8x8 digits ``vmap`` is fastest (1.4-2x
-    ``unroll``, 3-10x ``map``/``chunked``); for 32x32x3 images ``vmap`` lowers the
-    per-client convolutions to slow grouped convolutions and ``unroll`` is
-    faster (3.4x: 185 vs 55 samples/s, 4 clients, batch 32). ``unroll`` traces every client separately (compile time and program
-    size grow with m), so above ``UNROLL_MAX_CLIENTS`` clients ``vmap`` is used.
-    Other backends get ``vmap`` until measured otherwise.
+    Measured on a 2-core XLA:CPU (jax 0.10.2, the ``cnn`` model, host step loop; see
+    BENCHMARKS.md). Images up to 16x16 (digits): ``chunked`` with ``AUTO_CHUNK_SIZE``
+    clients per chunk (their convolutions are matrix products; a small chunk keeps each
+    client's working set in cache: 1.1-1.6x ``vmap`` from 4 to 64 clients, one program
+    whatever the number of clients). 32x32x3 images: ``vmap`` lowers the per-client
+    convolutions to slow grouped convolutions and ``unroll`` is faster (3.4x: 185 vs 55
+    samples/s, 4 clients, batch 32); ``unroll`` traces every client separately (compile
+    time grows with m), so only up to ``UNROLL_MAX_CLIENTS`` clients, ``vmap`` above.
+    Other inputs and backends: ``vmap``. With ``chunked``, use :func:`auto_chunk_size`.
     """
+    if backend != "cpu" or len(input_shape) != 3:
+        return "vmap"
+    if input_shape[0] * input_shape[1] <= 16 * 16:
+        return "chunked"
     small = num_clients is None or num_clients <= UNROLL_MAX_CLIENTS
-    if backend == "cpu" and small and len(input_shape) == 3 and input_shape[0] * input_shape[1] > 16 * 16:
-        return "unroll"
-    return "vmap"
+    return "unroll" if small else "vmap"
 
+
+def auto_settings(backend: str, input_shape: tuple, num_clients: int | None = None) -> dict:
+    """``{"strategy": ...}`` from :func:`auto_strategy`, with ``"chunk_size":
+    AUTO_CHUNK_SIZE`` when it is ``chunked``."""
+    strategy = auto_strategy(backend, input_shape, num_clients)
+    return {"strategy": strategy, **({"chunk_size": AUTO_CHUNK_SIZE} if strategy == "chunked" else {})}
 
 
 def _index(tree, i):

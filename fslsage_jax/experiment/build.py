@@ -12,7 +12,7 @@ import jax
 
 from fslsage_jax import memory
 from fslsage_jax.algorithms.config import Config
-from fslsage_jax.algorithms.lifting import auto_strategy
+from fslsage_jax.algorithms.lifting import auto_settings
 from fslsage_jax.data import partition, to_client_arrays
 from fslsage_jax.experiment.config import (TASK_FIELDS, ExperimentConfig, algorithm_config, algorithm_params,
                                            run_devices)
@@ -91,7 +91,7 @@ def build(cfg: ExperimentConfig, log: Log | None = None, echo: Log | None = None
         except ValueError as e:
             raise ConfigError("{devices} {}: {}", cfg.devices, e) from None
     if cfg.strategy == "auto":
-        cfg = dataclasses.replace(cfg, strategy=auto_strategy(
+        cfg = dataclasses.replace(cfg, **auto_settings(
             jax.default_backend(), tuple(ds.x_train.shape[1:]), cfg.cohort))
     return Experiment(cfg, ds, split, clients, algorithm_config(cfg), frozen, on_finish, EXPERIMENT_CONFIG)
 

