@@ -32,6 +32,7 @@ import optax
 
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.config import Config, optimizer_for
+from fslsage_jax.algorithms.lifting import lift
 from fslsage_jax.algorithms.engine import (Algorithm, average_into, init_parts, lifter, make_run_round,
                                            make_serve, resolve_config)
 from fslsage_jax.algorithms.trees import broadcast, tree_where
@@ -119,7 +120,15 @@ class Context(NamedTuple):
             updates, new_opt = opt.update(g, copt, cv.params)
             new = (Vars(optax.apply_updates(cv.params, updates), cstate), new_opt)
             return tree_where(active, new, (cv, copt))
-        return self.lift(one)
+        return self.lift_light(one)
+
+    def lift_light(self, fn: Callable, shared: int = 0) -> Callable:
+        """Lift a function whose per-client work is elementwise or small (an optimizer
+        step, a buffer write): ``vmap`` where the strategy traces all clients once
+        (``vmap``, ``map``, ``chunked``: no per-chunk loop writing every output back),
+        else the configured strategy."""
+        one_trace = self.cfg.strategy in ("vmap", "map", "chunked")
+        return lift(fn, "vmap", shared=shared) if one_trace else self.lift(fn, shared=shared)
 
 
 class Parts(NamedTuple):

@@ -266,9 +266,14 @@ def make_serve(split: SplitModel, opt, cfg: Config, per_client_opt: bool = False
             sv, (sopt, z, y, w, up, rng) = carry, upload
         else:
             (sv, sopt), (z, y, w, up, rng) = carry, upload
-        sv2, sopt2, gz, loss = steps.server_step(split, opt, sv.with_frozen(frozen), sopt, z, y, w, rng)
-        sv, sopt = tree_where(up, (sv2, sopt2), (sv, sopt))
-        out = (gz * up, loss * up)
+        def take(sv, sopt):
+            return steps.server_step(split, opt, sv.with_frozen(frozen), sopt, z, y, w, rng)
+
+        def skip(sv, sopt):
+            return sv, sopt, jnp.zeros_like(z), jnp.zeros((), jnp.float32)
+        # a branch, not a select: a client that does not upload costs nothing
+        sv, sopt, gz, loss = branch(up, take, skip, sv, sopt)
+        out = (gz, loss)
         return (sv, out + (sopt,)) if per_client_opt else ((sv, sopt), out)
     run = sequential(one, cfg.strategy)
 

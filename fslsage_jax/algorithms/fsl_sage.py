@@ -67,8 +67,8 @@ def build(ctx: Context) -> Parts:
         own = SageOwn(opt.init(cv.params), av, align_opt.init(av.params), buf)
         return cv, own, Server(sv, opt.init(sv.params))
 
-    push = ctx.lift(buffer_push)
-    estimate = ctx.lift(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
+    push = ctx.lift_light(buffer_push)
+    estimate = ctx.lift_light(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
                         shared=1)
     # alignment: align_client_chunk clients at once (vmapped), chunks one after another
     # (rows: the most filled rows of any client, so that loops over rows are shared by all)
