@@ -61,6 +61,25 @@ def test_micro_batched_alignment_equals_whole_minibatches(toy):
         np.testing.assert_allclose([first, last], [losses[0], losses[-1]], rtol=2e-5)
 
 
+def test_alignment_on_a_wrapped_ring_equals_the_samples_in_a_row(toy):
+    """A ring that wrapped (oldest samples in the middle) aligns exactly like the same
+    samples laid out oldest first at the end of a buffer."""
+    sv, av, z, y = _setup(toy)
+    opt = optax.adam(1e-2)
+    n, head, cap = 50, 30, z.shape[0]
+    pos = (head - n + np.arange(n)) % cap                 # where the ring holds sample v
+    zr, yr = z.at[pos].set(z[cap - n:]), y.at[pos].set(y[cap - n:])
+    key = jax.random.key(3)
+    ring = steps.align(toy, opt, av, opt.init(av.params), sv, Buffer(zr, yr, jnp.int32(n), jnp.int32(head)),
+                       key, 2, 32)
+    flat = steps.align(toy, opt, av, opt.init(av.params), sv, Buffer(z, y, jnp.int32(n)), key, 2, 32)
+    _close(ring[0].params, flat[0].params)
+    np.testing.assert_allclose(steps.alignment_targets(toy, sv, Buffer(zr, yr, jnp.int32(n), jnp.int32(head)),
+                                                       16)[pos],
+                               steps.alignment_targets(toy, sv, Buffer(z, y, jnp.int32(n)))[cap - n:],
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_clients_with_different_fill_share_one_row_bound(toy):
     """Lifted over clients, ``rows`` is the largest fill; each client still aligns on
     its own valid rows only."""
@@ -72,7 +91,7 @@ def test_clients_with_different_fill_share_one_row_bound(toy):
     avm = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), av)
     aom = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), opt.init(av.params))
     out, _, _ = jax.jit(jax.vmap(lambda a, o, b, k: steps.align(toy, opt, a, o, sv, b, k, 2, 32, rows=jnp.int32(70))))(
-        avm, aom, Buffer(zz, yy, fills), keys)
+        avm, aom, Buffer(zz, yy, fills, jnp.zeros(2, jnp.int32)), keys)
     for i in range(2):
         ref, _ = _reference_align(toy, sv, av, zz[i], yy[i], int(fills[i]), keys[i], 2, 32, 1e-2)
         _close(jax.tree_util.tree_map(lambda a: a[i], out.params), ref)

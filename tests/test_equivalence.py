@@ -222,9 +222,10 @@ def _to_lists(algo, state):
 
 
 def _buffer_rows(buf):
-    """A library FIFO as a list of (z, y), oldest first (its valid rows sit at the end)."""
-    n = int(buf.size)
-    return [(np.asarray(buf.z[len(buf.z) - n + j]), int(buf.y[len(buf.y) - n + j])) for j in range(n)]
+    """A library FIFO as a list of (z, y), oldest first (a ring: the valid rows are the
+    ``size`` positions before ``head``)."""
+    n, cap, head = int(buf.size), len(buf.z), int(buf.head)
+    return [(np.asarray(buf.z[(head - n + j) % cap]), int(buf.y[(head - n + j) % cap])) for j in range(n)]
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ import pytest
 
 from fslsage_jax.algorithms import steps
 from fslsage_jax.algorithms.batching import gather_batch, epoch_orders
-from fslsage_jax.algorithms.buffer import buffer_init, buffer_mask, buffer_push
+from fslsage_jax.algorithms.buffer import buffer_init, buffer_mask, buffer_positions, buffer_push
 from fslsage_jax.algorithms.lifting import lift
 from fslsage_jax.algorithms.trees import weighted_average
 from fslsage_jax.split import Vars, init_split
@@ -106,11 +106,11 @@ def test_alignment_targets_are_per_sample_server_gradients(toy):
     buf = buffer_push(buffer_init(5, (6,)), jax.random.normal(jax.random.key(6), (3, 6)),
                       jnp.array([0, 1, 2]), jnp.ones(3))
     t = np.asarray(steps.alignment_targets(toy, sv, buf))
-    assert not t[:2].any()                               # empty slots
-    for i in range(3):                                   # valid rows are the last three
-        zi, yi = buf.z[2 + i:3 + i], buf.y[2 + i:3 + i]
+    assert not t[3:].any()                               # empty slots
+    for i in range(3):                                   # ring positions 0..2 hold them
+        zi, yi = buf.z[i:i + 1], buf.y[i:i + 1]
         _, _, gi, _ = steps.server_grads(toy, sv, zi, yi, jnp.ones(1))
-        np.testing.assert_allclose(t[2 + i], np.asarray(gi)[0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(t[i], np.asarray(gi)[0], rtol=1e-5, atol=1e-7)
 
 
 def test_fifo_keeps_newest_in_order_and_respects_capacity():
@@ -124,15 +124,28 @@ def test_fifo_keeps_newest_in_order_and_respects_capacity():
         seen += [v for v, k in zip(vals, mask) if k]
         newest = seen[-4:]
         assert int(buf.size) == len(newest)
-        valid = np.asarray(buf.z[:, 0])[np.asarray(buffer_mask(buf)) > 0]
-        assert valid.tolist() == newest
-        assert np.asarray(buf.y)[4 - len(newest):].tolist() == newest
+        in_order = np.asarray(buffer_positions(buf))[:len(newest)]
+        assert np.asarray(buf.z[:, 0])[in_order].tolist() == newest
+        assert np.asarray(buf.y)[in_order].tolist() == newest
+        mask = np.zeros(4)
+        mask[in_order] = 1
+        np.testing.assert_array_equal(buffer_mask(buf), mask)
     assert seen[-4:] == [4, 5, 6, 10]
+
+
+def test_fifo_is_a_ring_written_in_place():
+    """Pushes write after the newest rows and overwrite the oldest: [1 2 3] then [4 5]
+    in a ring of 4 leave 5 at position 0 (not a shifted copy)."""
+    buf = buffer_push(buffer_init(4, ()), jnp.arange(1.0, 4.0), jnp.arange(1, 4), jnp.ones(3))
+    buf = buffer_push(buf, jnp.array([4.0, 5.0]), jnp.array([4, 5]), jnp.ones(2))
+    assert np.asarray(buf.z).tolist() == [5.0, 2.0, 3.0, 4.0]
+    assert int(buf.head) == 1 and int(buf.size) == 4
 
 
 def test_fifo_batch_larger_than_capacity():
     buf = buffer_push(buffer_init(3, ()), jnp.arange(5.0), jnp.arange(5), jnp.ones(5))
-    assert np.asarray(buf.z).tolist() == [2.0, 3.0, 4.0] and int(buf.size) == 3
+    in_order = np.asarray(buffer_positions(buf))
+    assert np.asarray(buf.z)[in_order].tolist() == [2.0, 3.0, 4.0] and int(buf.size) == 3
 
 
 def test_weighted_average_by_hand():

@@ -152,8 +152,8 @@ def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | Non
     ``n`` valid entries (zero on empty slots). Dividing by a minibatch's valid
     count gives the gradient of that minibatch's mean loss.
 
-    ``chunk``: compute them ``chunk`` samples at a time, only over the last ``rows``
-    buffer rows (default: all; the valid entries are the last ``buf.size``), when the
+    ``chunk``: compute them ``chunk`` samples at a time, only over the newest ``rows``
+    ring positions (default: all; the valid entries are the newest ``buf.size``), when the
     server has no batch statistics, where a sample's gradient does not depend on the
     others in its batch (the result is the same). With BatchNorm the whole buffer is
     one batch, as in the authors' code.
@@ -164,15 +164,16 @@ def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | Non
         f = lambda z: part_loss(split, split.server, sv, z, buf.y, w, True)[0]
         return jax.grad(f)(buf.z) * jnp.maximum(jnp.sum(w), 1.0)
     rows = cap if rows is None else rows
+    head = jnp.asarray(buf.head, jnp.int32)
 
     def one_chunk(c, target):
-        # chunk c covers rows [cap - (c+1) chunk, cap - c chunk); the first one is clamped at
-        # row 0 and rewrites a few rows with the same per-sample values
-        start = jnp.maximum(cap - (c + 1) * chunk, 0)
-        z, y, wc = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (buf.z, buf.y, w))
+        # chunk c: the ring positions of the samples c*chunk .. (c+1)*chunk - 1 places older
+        # than the newest; past the capacity it wraps and rewrites rows with the same values
+        idx = (head - (c + 1) * chunk + jnp.arange(chunk)) % cap
+        z, y, wc = buf.z[idx], buf.y[idx], w[idx]
         # the gradient of the chunk's SUM of losses = per-sample gradients
         g = jax.grad(lambda z: part_loss(split, split.server, sv, z, y, wc, True)[0])(z)
-        return jax.lax.dynamic_update_slice_in_dim(target, g * jnp.maximum(jnp.sum(wc), 1.0), start, 0)
+        return target.at[idx].set(g * jnp.maximum(jnp.sum(wc), 1.0), unique_indices=True)
     n = (jnp.minimum(rows, cap) + chunk - 1) // chunk
     return jax.lax.fori_loop(0, n, one_chunk, jnp.zeros_like(buf.z))
 
@@ -246,8 +247,8 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
 
     def epoch(carry, ekey):
         params, ostate = carry
-        # valid entries sit at the end: rotate them to the front, then shuffle them
-        order = (_prefix_order(ekey, n_valid, rows, cap) + (cap - n_valid)) % cap
+        # a shuffle of the valid entries (the size ring positions before head) first
+        order = (_prefix_order(ekey, n_valid, rows, cap) + jnp.asarray(buf.head, jnp.int32) - n_valid) % cap
 
         def minibatch(j, carry):
             params, ostate, total = carry
