@@ -43,9 +43,11 @@ def test_different_seed_differs(toy):
 
 @pytest.mark.parametrize("step_loop", ["host", "scan"])
 def test_no_recompilation_after_first_round(toy, step_loop):
-    compiles = []
+    compiles = []     # programs compiled, or loaded from the persistent compilation cache
     listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
     jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.monitoring.register_event_listener(
+        lambda name, **k: compiles.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
     try:
         d = _data()
         data = ClientArrays(jax.numpy.asarray(d.x), jax.numpy.asarray(d.y), jax.numpy.asarray(d.counts))

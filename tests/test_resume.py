@@ -207,9 +207,17 @@ def _finish(proc):
     return proc.returncode, out, err
 
 
-def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, env):
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    assert _finish(_start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(ref_dir)], env))[0] == 0
+@pytest.fixture(scope="module")
+def cli_ref(tmp_path_factory, env):
+    """The uninterrupted CLI run both kill tests compare with (one CLI start for both)."""
+    ref_dir = tmp_path_factory.mktemp("cli") / "ref"
+    code, _, err = _finish(_start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(ref_dir)], env))
+    assert code == 0, err
+    return ref_dir
+
+
+def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, env, cli_ref):
+    ref_dir, run_dir = cli_ref, tmp_path / "run"
     p = _start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(run_dir)], env)
     _wait_for_lines(run_dir / "metrics.jsonl", 1, p)
     p.send_signal(signal.SIGTERM)
@@ -235,10 +243,9 @@ def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, en
     assert {k: v for k, v in a.items() if k not in DROP} == {k: v for k, v in b.items() if k not in DROP}
 
 
-def test_cli_sigkill_after_a_round_then_resume_is_identical(tmp_path, env):
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    assert _finish(_start(["--algo", "sl_single_server", *CLI, "--out", str(ref_dir)], env))[0] == 0
-    p = _start(["--algo", "sl_single_server", *CLI, "--out", str(run_dir)], env)
+def test_cli_sigkill_after_a_round_then_resume_is_identical(tmp_path, env, cli_ref):
+    ref_dir, run_dir = cli_ref, tmp_path / "run"
+    p = _start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(run_dir)], env)
     t0 = time.time()
     while checkpoint.latest(str(run_dir)) is None:                    # the round-2 checkpoint
         assert p.poll() is None and time.time() - t0 < 300, p.communicate()

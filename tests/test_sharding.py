@@ -82,7 +82,8 @@ WORKER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def sharded_results():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": flags.strip(),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-c", WORKER, HERE], env=env, capture_output=True, text=True,
                        timeout=600, cwd=ROOT, check=False)
