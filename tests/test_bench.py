@@ -101,5 +101,6 @@ def test_auto_strategy_falls_back_to_vmap_for_many_clients():
     from fslsage_jax.algorithms.lifting import UNROLL_MAX_CLIENTS, auto_strategy
     assert auto_strategy("cpu", (32, 32, 3), UNROLL_MAX_CLIENTS) == "unroll"
     assert auto_strategy("cpu", (32, 32, 3), UNROLL_MAX_CLIENTS + 1) == "vmap"
-    assert auto_strategy("cpu", (8, 8, 1), 4) == "chunked"
+    assert auto_strategy("cpu", (8, 8, 1), 4) == "vmap"
+    assert auto_strategy("cpu", (8, 8, 1), 16) == "chunked"
     assert auto_strategy("gpu", (32, 32, 3), 4) == "vmap"

@@ -58,6 +58,7 @@ def test_non_empty_out_is_refused(tmp_path, capsys):
 def test_auto_strategy_follows_the_measurements():
     from fslsage_jax.algorithms.lifting import AUTO_CHUNK_SIZE, auto_settings, auto_strategy
     assert auto_settings("cpu", (8, 8, 1), 1024) == {"strategy": "chunked", "chunk_size": AUTO_CHUNK_SIZE}
+    assert auto_settings("cpu", (8, 8, 1), AUTO_CHUNK_SIZE) == {"strategy": "vmap"}   # few digits clients
     assert auto_strategy("cpu", (32, 32, 3), 4) == "unroll"    # CIFAR-sized: unroll 3.4x faster
     assert auto_strategy("cpu", (32, 32, 3), 64) == "vmap"     # unroll's compile grows with m
     assert auto_strategy("cpu", (16,)) == "vmap"               # not an image

@@ -33,7 +33,7 @@ def test_all_algorithms_learn_digits_and_write_outputs(tmp_path, capsys):
         d = out / algo
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["algo"] == algo and cfg["config"]["batch_size"] == 32
-        assert cfg["strategy"] == "chunked" and cfg["config"]["strategy"] == "chunked"   # auto, digits
+        assert cfg["strategy"] == "vmap" and cfg["config"]["strategy"] == "vmap"   # auto, 3 digits clients
         recs = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in recs] == list(range(10))
         for key in ["test_accuracy", "test_loss", "train_loss", "comm_bytes", "comm", "round_time_s"]:

@@ -15,7 +15,7 @@ def test_readme_library_example_runs_fsl_sage_on_digits(capsys):
     s, exp = ns["summary"], ns["exp"]
     assert s["algo"] == "fsl_sage" and s["rounds_run"] == 3 and s["stop_reason"] == "rounds"
     assert s["client_sample_counts"] == [125] * 4
-    assert (exp.config.strategy, exp.config.chunk_size) == ("chunked", 2)   # "auto" for digits on CPU
+    assert exp.config.strategy == "vmap"                         # "auto": 4 digits clients on CPU
     z = 4 * s["cut_shape"][0]
     # 125 samples, batch 32: local steps k = 0..3, of which (Q = 5) k = 0 uploads 32 samples
     assert s["comm"]["smashed_up"] == 3 * 4 * 32 * z and s["comm"]["labels_up"] == 3 * 4 * 32 * 4

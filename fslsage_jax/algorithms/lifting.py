@@ -18,26 +18,27 @@ import jax.numpy as jnp
 from fslsage_jax.algorithms.config import STRATEGIES
 
 UNROLL_MAX_CLIENTS = 16
-AUTO_CHUNK_SIZE = 2
+AUTO_CHUNK_SIZE = 4
 
 
 def auto_strategy(backend: str, input_shape: tuple, num_clients: int | None = None) -> str:
     """The client-axis strategy measured fastest for a backend and input shape.
 
     Measured on a 2-core XLA:CPU (jax 0.10.2, the ``cnn`` model, host step loop; see
-    BENCHMARKS.md). Images up to 16x16 (digits): ``chunked`` with ``AUTO_CHUNK_SIZE``
-    clients per chunk (their convolutions are matrix products; a small chunk keeps each
-    client's working set in cache: 1.1-1.6x ``vmap`` from 4 to 64 clients, one program
-    whatever the number of clients). 32x32x3 images: ``vmap`` lowers the per-client
-    convolutions to slow grouped convolutions and ``unroll`` is faster (3.4x: 185 vs 55
-    samples/s, 4 clients, batch 32); ``unroll`` traces every client separately (compile
-    time grows with m), so only up to ``UNROLL_MAX_CLIENTS`` clients, ``vmap`` above.
-    Other inputs and backends: ``vmap``. With ``chunked``, use :func:`auto_chunk_size`.
+    BENCHMARKS.md). Images up to 16x16 (digits): ``vmap`` up to ``AUTO_CHUNK_SIZE``
+    clients (0.168 s vs 0.186 s a 4-client round), ``chunked`` in chunks of
+    ``AUTO_CHUNK_SIZE`` above (their convolutions are matrix products and a chunk's
+    working set stays in cache: 0.187 vs 0.257 s at 16 clients, 0.266 vs 0.370 s at 64;
+    one program whatever the number of clients). 32x32x3 images: ``vmap`` lowers the
+    per-client convolutions to slow grouped convolutions and ``unroll`` is faster (3.4x:
+    185 vs 55 samples/s, 4 clients, batch 32); ``unroll`` traces every client separately
+    (compile time grows with m), so only up to ``UNROLL_MAX_CLIENTS`` clients, ``vmap``
+    above. Other inputs and backends: ``vmap``. With ``chunked``, see :func:`auto_settings`.
     """
     if backend != "cpu" or len(input_shape) != 3:
         return "vmap"
     if input_shape[0] * input_shape[1] <= 16 * 16:
-        return "chunked"
+        return "vmap" if num_clients is not None and num_clients <= AUTO_CHUNK_SIZE else "chunked"
     small = num_clients is None or num_clients <= UNROLL_MAX_CLIENTS
     return "unroll" if small else "vmap"
 
