@@ -43,8 +43,9 @@ def _client_server(state):
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))
 def test_one_round_each_algorithm(setup, algo):
     split, data = setup
+    # vmap: one trace for both clients (auto would unroll them on CPU: twice the program to compile)
     cfg = Config(num_clients=M, batch_size=B, server_update_interval=1, align_interval=1,
-                 align_epochs=1, align_batch_size=4, align_buffer_size=8)
+                 align_epochs=1, align_batch_size=4, align_buffer_size=8, strategy="vmap")
     a = ALGORITHMS[algo](split, cfg, N)
     s0 = jax.jit(a.init)(jax.random.key(0))                # op by op it compiles ~170 times
     s0 = jax.tree_util.tree_map(np.array, s0)            # host copy: run_round donates its input
@@ -87,7 +88,7 @@ def test_first_step_loss_and_batchnorm_average_by_hand():
     x = rng.normal(size=(M, N, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, (M, N)).astype(np.int32)
     counts = [N, N - 1]
-    cfg = Config(num_clients=M, batch_size=8, server_update_interval=1)
+    cfg = Config(num_clients=M, batch_size=8, server_update_interval=1, strategy="vmap")
     a = ALGORITHMS["sl_multi_server"](split, cfg, N)
     state = jax.jit(a.init)(jax.random.key(0))
     c0, s0 = jax.tree_util.tree_map(np.array, a.global_model(state))     # run_round donates
