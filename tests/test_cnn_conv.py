@@ -42,8 +42,8 @@ def test_client_same_params_and_outputs_for_every_impl():
 
 
 def test_default_impl():
-    assert default_conv_impl(True, "cpu") == ("im2col", "xla")
-    assert default_conv_impl(True, "cpu", image_pixels=8 * 8) == ("im2col", "xla")
+    assert default_conv_impl(True, "cpu") == ("im2col", "rows")
+    assert default_conv_impl(True, "cpu", image_pixels=8 * 8) == ("im2col", "rows")
     assert default_conv_impl(True, "cpu", image_pixels=32 * 32) == "xla"
     assert default_conv_impl(False, "cpu") == "small_toeplitz"
     assert default_conv_impl(False, "gpu") == "xla"
