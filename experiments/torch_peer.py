@@ -161,6 +161,44 @@ def fedavg(clients, weights):
         c.load_state_dict(avg)
 
 
+class _Rounds:
+    """Per-round wall and CPU times, the end of a round (FedAvg of the client models, then
+    the evaluation of client 0 with the server), and the result dict of both peers."""
+
+    def __init__(self):
+        self.times, self.cpu, self.eval_times, self.accs, self.losses = [], [], [], [], []
+        self.t_train = time.time()
+
+    def start(self):
+        self.t0, self.c0 = time.time(), time.process_time()
+
+    def end(self, clients, counts, server, xt, yt):
+        fedavg(clients, counts)
+        self.times.append(time.time() - self.t0)
+        self.cpu.append(time.process_time() - self.c0)
+        t1 = time.time()
+        loss, acc = evaluate(clients[0], server, xt, yt)
+        self.eval_times.append(time.time() - t1)
+        self.accs.append(acc)
+        self.losses.append(loss)
+
+    def result(self, align_interval: int | None = None) -> dict:
+        """Round j aligned when ``j % align_interval == 0`` (None: none did; round 0 is
+        still not an ordinary round)."""
+        aligned = (lambda j: j % align_interval == 0) if align_interval else (lambda j: j == 0)
+        ordinary = [r for j, r in enumerate(self.times) if not aligned(j)]
+        ordinary_cpu = [r for j, r in enumerate(self.cpu) if not aligned(j)]
+        med = lambda v: statistics.median(v) if v else None
+        return {"round_times_s": self.times, "round_cpu_s": self.cpu,
+                "median_ordinary_round_cpu_s": med(ordinary_cpu), "median_ordinary_round_s": med(ordinary),
+                "align_round_times_s": ([r for j, r in enumerate(self.times) if aligned(j)]
+                                        if align_interval else []),
+                "eval_time_s": statistics.median(self.eval_times), "first_eval_s": self.eval_times[0],
+                "train_time_s": time.time() - self.t_train, "final_accuracy": self.accs[-1],
+                "best_accuracy": max(self.accs), "final_test_loss": self.losses[-1], "accuracies": self.accs,
+                "threads": torch.get_num_threads(), "torch_version": torch.__version__}
+
+
 # ----------------------------------------------------------------------------- the loop
 def _setup(x_train_parts, y_train_parts, x_test, y_test, num_classes, seed, threads):
     """Threads, seeds, the data as NCHW tensors, m identical client models and the server:
@@ -214,10 +252,9 @@ def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, bat
     bufs = [Fifo(align_buffer_size) for _ in range(m)]
     counts = [len(y) for y in ys]
 
-    round_times, round_cpu, eval_times, accs, losses = [], [], [], [], []
-    t_train = time.time()
+    log = _Rounds()
     for t in range(rounds):
-        t0, c0 = time.time(), time.process_time()
+        log.start()
         aligning = t % align_interval == 0
         for i in range(m):
             client, copt, aux = clients[i], copts[i], auxes[i]
@@ -239,24 +276,8 @@ def time_fsl_sage(x_train_parts, y_train_parts, x_test, y_test, rounds: int, bat
                 copt.zero_grad(set_to_none=True)
                 z.backward(g_hat)
                 copt.step()
-        fedavg(clients, counts)
-        round_times.append(time.time() - t0)
-        round_cpu.append(time.process_time() - c0)
-        t1 = time.time()
-        loss, acc = evaluate(clients[0], server, xt, yt)
-        eval_times.append(time.time() - t1)
-        accs.append(acc)
-        losses.append(loss)
-    ordinary = [r for j, r in enumerate(round_times) if j % align_interval != 0]
-    ordinary_cpu = [r for j, r in enumerate(round_cpu) if j % align_interval != 0]
-    return {"round_times_s": round_times, "round_cpu_s": round_cpu,
-            "median_ordinary_round_cpu_s": statistics.median(ordinary_cpu) if ordinary_cpu else None,
-            "median_ordinary_round_s": statistics.median(ordinary) if ordinary else None,
-            "align_round_times_s": [r for j, r in enumerate(round_times) if j % align_interval == 0],
-            "eval_time_s": statistics.median(eval_times), "first_eval_s": eval_times[0],
-            "train_time_s": time.time() - t_train,
-            "final_accuracy": accs[-1], "best_accuracy": max(accs), "final_test_loss": losses[-1],
-            "accuracies": accs, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
+        log.end(clients, counts, server, xt, yt)
+    return log.result(align_interval)
 
 
 def time_splitfed_ss(x_train_parts, y_train_parts, x_test, y_test, rounds: int, batch_size: int,
@@ -275,10 +296,9 @@ def time_splitfed_ss(x_train_parts, y_train_parts, x_test, y_test, rounds: int, 
     copts = [torch.optim.Adam(c.parameters(), lr=lr, weight_decay=weight_decay) for c in clients]
     sopt = torch.optim.Adam(server.parameters(), lr=lr, weight_decay=weight_decay)
     counts = [len(y) for y in ys]
-    round_times, round_cpu, eval_times, accs, losses = [], [], [], [], []
-    t_train = time.time()
+    log = _Rounds()
     for _ in range(rounds):
-        t0, c0 = time.time(), time.process_time()
+        log.start()
         for i in range(m):
             perm = torch.randperm(counts[i], generator=gen)
             for s in range(0, counts[i], batch_size):
@@ -291,22 +311,8 @@ def time_splitfed_ss(x_train_parts, y_train_parts, x_test, y_test, rounds: int, 
                 copts[i].zero_grad(set_to_none=True)
                 z.backward(zg.grad)
                 copts[i].step()
-        fedavg(clients, counts)
-        round_times.append(time.time() - t0)
-        round_cpu.append(time.process_time() - c0)
-        t1 = time.time()
-        loss, acc = evaluate(clients[0], server, xt, yt)
-        eval_times.append(time.time() - t1)
-        accs.append(acc)
-        losses.append(loss)
-    ordinary, ordinary_cpu = round_times[1:], round_cpu[1:]
-    return {"round_times_s": round_times, "round_cpu_s": round_cpu,
-            "median_ordinary_round_cpu_s": statistics.median(ordinary_cpu) if ordinary_cpu else None,
-            "median_ordinary_round_s": statistics.median(ordinary) if ordinary else None,
-            "align_round_times_s": [], "eval_time_s": statistics.median(eval_times),
-            "first_eval_s": eval_times[0], "train_time_s": time.time() - t_train,
-            "final_accuracy": accs[-1], "best_accuracy": max(accs), "final_test_loss": losses[-1],
-            "accuracies": accs, "threads": torch.get_num_threads(), "torch_version": torch.__version__}
+        log.end(clients, counts, server, xt, yt)
+    return log.result()
 
 
 def main(argv=None) -> int:

@@ -13,14 +13,16 @@ from fslsage_jax.algorithms.buffer import Buffer
 from fslsage_jax.split import init_split
 
 
+def _ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _minibatch_loss_and_grad(toy, params, zb, yb, tb):
     """Squared distance between the auxiliary gradient of the minibatch's mean loss and
     the targets, and its gradient in the auxiliary parameters."""
-    ce = lambda logits, t: optax.softmax_cross_entropy_with_integer_labels(logits, t)
-
     def loss(p):
-        g = jax.grad(lambda zz: jnp.mean(ce(toy.aux.apply({"params": p}, zz), yb)))(zb)
+        g = jax.grad(lambda zz: jnp.mean(_ce(toy.aux.apply({"params": p}, zz), yb)))(zb)
         return jnp.sum((g - tb) ** 2)
     return jax.value_and_grad(loss)(params)
 
@@ -30,8 +32,7 @@ def _reference_align(toy, sv, av, z, y, n, key, epochs, batch, lr):
     each minibatch's loss is the squared distance between the auxiliary gradient of its
     mean loss and the targets over its size, one Adam step per minibatch."""
     cap = z.shape[0]
-    ce = lambda logits, t: optax.softmax_cross_entropy_with_integer_labels(logits, t)
-    per_sample = jax.vmap(jax.grad(lambda zi, yi: ce(toy.server.apply({"params": sv.params}, zi[None]), yi[None])[0]))
+    per_sample = jax.vmap(jax.grad(lambda zi, yi: _ce(toy.server.apply({"params": sv.params}, zi[None]), yi[None])[0]))
     target = per_sample(z, y)
     opt = optax.adam(lr)
     params, state, losses = av.params, opt.init(av.params), []

@@ -70,13 +70,14 @@ def build(ctx: Context) -> Parts:
     push = ctx.lift_light(buffer_push)
     estimate = ctx.lift_light(lambda fa, av, z, y, w: steps.aux_grad_estimate(split, av.with_frozen(fa), z, y, w),
                         shared=1)
-    # alignment: align_client_chunk clients at once (vmapped), chunks one after another
-    # (rows: the most filled rows of any client, so that loops over rows are shared by all)
+    # alignment: as the local steps, unless align_client_chunk bounds how many clients align at
+    # once (vmapped, chunks one after another); rows: the most filled rows of any client, so
+    # that loops over rows are shared by all
+    bounded = cfg.align_client_chunk < m and cfg.strategy != "loop"
     align_all = lift(lambda fa, sv, rows, av, ao, buf, k: steps.align(
         split, align_opt, av.with_frozen(fa), ao, sv, buf, k, cfg.align_epochs, cfg.align_batch_size,
-        cfg.align_target_scale, rows), *((cfg.strategy, cfg.chunk_size) if cfg.align_client_chunk >= m
-                                         or cfg.strategy == "loop" else ("chunked", cfg.align_client_chunk)),
-        shared=3)
+        cfg.align_target_scale, rows), "chunked" if bounded else cfg.strategy,
+        cfg.align_client_chunk if bounded else cfg.chunk_size, shared=3)
 
     def sage_step(state, b, t, rng, acc):
         fc, fs, fa = frozen_of(state)

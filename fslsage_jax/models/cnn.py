@@ -127,7 +127,7 @@ def default_conv_impl(train: bool, backend: str | None = None,
     (vmapped, the XLA convolution is a grouped convolution with one input channel per
     group: 3-10x slower at 64-256 clients) and ``"rows"`` (row-Toeplitz matmuls) for the
     second (4x4x64: 56% of the patch form's multiply-adds; 1.7x faster than patches for
-    4 clients x 32 samples, 2.2x at 64 clients in chunks of 2). Larger images keep
+    4 clients x 32 samples, 2.2x at 64 clients in chunks of 2, both on one core). Larger images keep
     ``"xla"`` (the engine runs up to 16 clients unrolled there, where XLA's plain
     convolution is faster; vmapped, ``"im2col"`` is 2-5x faster for 32x32x3).
     Inference (``train=False``: evaluation of the averaged client) is ~7x faster with the
