@@ -1,12 +1,16 @@
 """Shared fixtures: a tiny dense split model that compiles in about a second."""
 import os
 
-# Tests run tiny programs, so compiling them costs far more than running them: LLVM at -O0
-# halves XLA:CPU's compile time (a toy FSL-SAGE round 7 s -> 3.5 s) and computes the same
-# IEEE results (XLA:CPU uses no fast-math). Set before any backend starts; CLI subprocesses
-# inherit it. An explicit level in $XLA_FLAGS wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Tests run tiny programs, so compiling them costs far more than running them. Two XLA:CPU
+# settings each halve compilation: LLVM at -O0 (a toy FSL-SAGE round 7 s -> 3.5 s) and the
+# legacy elemental emitters instead of the MLIR fusion emitters (test_equivalence +
+# test_fidelity 104 -> 57 CPU-s at -O0). Results move only by float rounding (measured: the
+# same size as -O0 vs -O2 after three CNN rounds), which no test depends on. Set before
+# any backend starts; CLI subprocesses inherit them. A setting already in $XLA_FLAGS wins.
+_TEST_XLA = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
+for _flag, _value in _TEST_XLA.items():
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_flag}={_value}".strip()
 
 import flax.linen as nn
 import jax
