@@ -6,11 +6,25 @@ import os
 # legacy elemental emitters instead of the MLIR fusion emitters (test_equivalence +
 # test_fidelity 104 -> 57 CPU-s at -O0). Results move only by float rounding (measured: the
 # same size as -O0 vs -O2 after three CNN rounds), which no test depends on. Set before
-# any backend starts; CLI subprocesses inherit them. A setting already in $XLA_FLAGS wins.
-_TEST_XLA = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
-for _flag, _value in _TEST_XLA.items():
-    if _flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_flag}={_value}".strip()
+# any backend starts; xdist workers and CLI subprocesses inherit them. A setting already in
+# $XLA_FLAGS wins. XLA aborts on a flag it does not know (newer XLA drops the legacy
+# emitters), so that one is kept only if a one-line JAX program accepts it.
+import subprocess
+import sys
+
+
+def _xla_accepts(flags: str) -> bool:
+    probe = "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0
+
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+if "xla_cpu_use_fusion_emitters" not in _flags and _xla_accepts(f"{_flags} --xla_cpu_use_fusion_emitters=false"):
+    _flags += " --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import flax.linen as nn
 import jax
