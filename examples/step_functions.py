@@ -19,14 +19,17 @@ from fslsage_jax.split import cut_shape, init_split
 M, B = 3, 16                                         # clients, batch size
 split = make_cnn((8, 8, 1), 10)
 opt = optax.adam(1e-3)
-cv, sv, av = init_split(split, jax.random.key(0))
 z_shape, z_dtype = cut_shape(split)
-clients = broadcast(cv, M)                            # [M, ...] client models
-client_opt = jax.vmap(opt.init)(clients.params)
-aux = broadcast(av, M)
-aux_opt = jax.vmap(opt.init)(aux.params)
-buf = broadcast(buffer_init(64, z_shape, (), z_dtype), M)
-server, server_opt = sv, opt.init(sv.params)
+
+
+@jax.jit                                              # one program, not one per eager op
+def init(key):
+    """Every client starts from the same model; the server and its optimizer are single."""
+    cv, sv, av = init_split(split, key)
+    clients, aux = broadcast(cv, M), broadcast(av, M)  # [M, ...] client and auxiliary models
+    buf = broadcast(buffer_init(64, z_shape, (), z_dtype), M)
+    return clients, jax.vmap(opt.init)(clients.params), aux, jax.vmap(opt.init)(aux.params), buf, \
+        sv, opt.init(sv.params)
 
 
 @jax.jit
@@ -48,16 +51,18 @@ def server_steps(sv, sopt, z, y):
     return sv, sopt, losses
 
 
+push = jax.jit(jax.vmap(buffer_push))
 align = jax.jit(jax.vmap(lambda av, ao, sv, buf, k: steps.align(split, opt, av, ao, sv, buf, k, 5, 64),
                          in_axes=(0, 0, None, 0, 0)))
 
+clients, client_opt, aux, aux_opt, buf, server, server_opt = init(jax.random.key(0))
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.normal(size=(M, B, 8, 8, 1)), jnp.float32)   # stand-in data: one batch a client
 y = jnp.asarray(rng.integers(0, 10, size=(M, B)), jnp.int32)
 for t in range(6):
     clients, client_opt, z = jax.vmap(client_step)(clients, client_opt, aux, x, y)
     server, server_opt, losses = server_steps(server, server_opt, z, y)
-    buf = jax.vmap(buffer_push)(buf, z, y, jnp.ones((M, B)))
+    buf = push(buf, z, y, jnp.ones((M, B)))
     if t % 3 == 2:                                    # align every auxiliary model to the server
         aux, aux_opt, (first, last) = align(aux, aux_opt, server, buf, jax.random.split(jax.random.key(t), M))
         print(f"step {t}: alignment loss {float(first.mean()):.3g} -> {float(last.mean()):.3g}")

@@ -111,8 +111,9 @@ def test_sweep_collect_and_plot_only(tmp_path):
 
 def test_tiny_real_sweep_through_run_py(tmp_path):
     out = tmp_path / "sw"
-    argv = ["--out", str(out), "--algos", "fed_avg", "--alphas", "10", "1000",
-            "--rounds", "1", "--num-clients", "2", "--batch-size", "64", "--no-progress"]
+    argv = ["--out", str(out), "--algos", "fed_avg", "--alphas", "10", "1000", "--rounds", "1",
+            "--num-clients", "2", "--batch-size", "64", "--train-subset", "256", "--eval-subset", "128",
+            "--no-progress"]                    # subsets: 2 local steps, not 11 (only the flow is checked)
     assert sweep.main(argv) == 0
     s = json.loads((out / "sweep.json").read_text())
     assert len(s["results"]) == 2 and s["failed"] == []

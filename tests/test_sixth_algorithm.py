@@ -74,40 +74,53 @@ def _digits():
     return (x[: M * N].reshape(M, N, 64), y[: M * N].reshape(M, N)), (x[M * N:], y[M * N:])
 
 
-def _reference(split, cfg, clients, mu, rounds):
-    """Hand-written loop: full-shard batches (the shuffle does not matter), 2 local epochs."""
-    cv, sv, _ = fj.init_split(split, jax.random.fold_in(jax.random.key(0), 0))
+def _reference(split, cfg, clients, mus, rounds):
+    """Hand-written loop: full-shard batches (the shuffle does not matter), 2 local epochs.
+    One client's local step is jitted with mu traced: one compile for every mu.
+    Returns {mu: (client params, server params)}."""
     tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
-    g, s = cv.params, sv.params
-    copts = [tx.init(g) for _ in range(M)]
-    sopts = [tx.init(s) for _ in range(M)]
-    for _ in range(rounds):
-        cs, ss = [g] * M, [s] * M
-        for _ in range(cfg.local_epochs):
-            for i in range(M):
-                x, y = clients[0][i], clients[1][i]
-                z, vjp = jax.vjp(lambda p: split.client.apply({"params": p}, x), cs[i])
-                ce = lambda sp, z: optax.softmax_cross_entropy_with_integer_labels(
-                    split.server.apply({"params": sp}, z), y).mean()
-                gs, gz = jax.grad(ce, (0, 1))(ss[i], z)
-                u, sopts[i] = tx.update(gs, sopts[i], ss[i])
-                ss[i] = optax.apply_updates(ss[i], u)
-                gc = jax.tree_util.tree_map(lambda a, p, p0: a + mu * (p - p0), vjp(gz)[0], cs[i], g)
-                u, copts[i] = tx.update(gc, copts[i], cs[i])
-                cs[i] = optax.apply_updates(cs[i], u)
-        g = jax.tree_util.tree_map(lambda *a: sum(a) / M, *cs)
-        s = jax.tree_util.tree_map(lambda *a: sum(a) / M, *ss)
-    return g, s
+
+    @jax.jit
+    def local_step(c, s, copt, sopt, g, x, y, mu):
+        z, vjp = jax.vjp(lambda p: split.client.apply({"params": p}, x), c)
+        ce = lambda sp, z: optax.softmax_cross_entropy_with_integer_labels(
+            split.server.apply({"params": sp}, z), y).mean()
+        gs, gz = jax.grad(ce, (0, 1))(s, z)
+        u, sopt = tx.update(gs, sopt, s)
+        s = optax.apply_updates(s, u)
+        gc = jax.tree_util.tree_map(lambda a, p, p0: a + mu * (p - p0), vjp(gz)[0], c, g)
+        u, copt = tx.update(gc, copt, c)
+        return optax.apply_updates(c, u), s, copt, sopt
+
+    out = {}
+    for mu in mus:
+        cv, sv, _ = fj.init_split(split, jax.random.fold_in(jax.random.key(0), 0))
+        g, s = cv.params, sv.params
+        copts = [tx.init(g) for _ in range(M)]
+        sopts = [tx.init(s) for _ in range(M)]
+        for _ in range(rounds):
+            cs, ss = [g] * M, [s] * M
+            for _ in range(cfg.local_epochs):
+                for i in range(M):
+                    cs[i], ss[i], copts[i], sopts[i] = local_step(cs[i], ss[i], copts[i], sopts[i], g,
+                                                                  clients[0][i], clients[1][i], mu)
+            g = jax.tree_util.tree_map(lambda *a: sum(a) / M, *cs)
+            s = jax.tree_util.tree_map(lambda *a: sum(a) / M, *ss)
+        out[mu] = g, s
+    return out
 
 
 def test_a_sixth_algorithm_defined_in_a_test_runs_counts_bytes_and_matches_a_hand_loop():
     split = fj.SplitModel("digits_mlp", Client(), Server(), Server(), input_shape=(64,), num_classes=10)
     clients, test = _digits()
-    results = {}
-    for mu in (0.0, 0.5):
-        cfg = fj.Config(num_clients=M, batch_size=N, local_epochs=2, lr=1e-2, params=(("proximal_weight", mu),))
+    results, mus = {}, (0.0, 0.5)
+    cfgs = {mu: fj.Config(num_clients=M, batch_size=N, local_epochs=2, lr=1e-2, params=(("proximal_weight", mu),))
+            for mu in mus}
+    wants = _reference(split, cfgs[0.0], clients, mus, 3)       # the configs differ in mu only
+    for mu in mus:
+        cfg = cfgs[mu]
         r = fj.train(FEDPROX_SPLIT, split, clients, test, cfg, rounds=3)
-        want_c, want_s = _reference(split, cfg, clients, mu, 3)
+        want_c, want_s = wants[mu]
         for got, want in ((r.client.params, want_c), (r.server.params, want_s)):
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
