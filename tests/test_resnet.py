@@ -1,4 +1,7 @@
-"""ResNet-18 split: the paper's parameter counts, client->server == unsplit forward, masked BatchNorm."""
+"""ResNet-18 split: the paper's parameter counts, client->server == unsplit forward, masked BatchNorm.
+
+Forward passes run compiled (one program per part, mode and shape): op by op, each flax
+call dispatches and compiles ~100 small programs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +57,10 @@ def full():
     return _random_vars(ResNet18(10, width=W), x[:1], 0), x
 
 
+_apply = jax.jit(apply_part, static_argnums=(0, 3))             # (module, vars, x, train, mask=)
+_unsplit = jax.jit(ResNet18(10, width=W).apply, static_argnames=("train", "mutable"))
+
+
 def _split_vars(v, keys):
     stats = v["batch_stats"]
     return Vars({k: v["params"][k] for k in keys}, {"batch_stats": {k: stats[k] for k in keys if k in stats}})
@@ -80,29 +87,32 @@ def test_client_then_server_equals_unsplit(full, train):
     v, x = full
     split = make_resnet18((16, 16, 3), 10, width=W)
     cv, sv = _split_vars(v, CLIENT_KEYS), _split_vars(v, SERVER_KEYS)
-    z, cstate = apply_part(split.client, cv, x, train)
-    out, sstate = apply_part(split.server, sv, z, train)
+    z, cstate = _apply(split.client, cv, x, train)
+    out, sstate = _apply(split.server, sv, z, train)
     assert z.shape == (5, 2, 2, 2 * W) and out.shape == (5, 10)
     if train:
-        ref, new = ResNet18(10, width=W).apply(v, x, train=True, mutable=["batch_stats"])
+        ref, new = _unsplit(v, x, train=True, mutable=("batch_stats",))
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
         merged = {**cstate["batch_stats"], **sstate["batch_stats"]}
         _close(merged, dict(new["batch_stats"]))
         old = v["batch_stats"]["layer3"]["block0"]["bn1"]["mean"]
         assert not np.allclose(merged["layer3"]["block0"]["bn1"]["mean"], old)   # stats did move
     else:
-        ref = ResNet18(10, width=W).apply(v, x, train=False)
+        ref = _unsplit(v, x, train=False)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-        assert cstate is cv.state
+        _close(cstate, cv.state, rtol=0, atol=0)
+        same = []                          # eval mode hands back the very state it was given
+        jax.eval_shape(lambda c, xb: same.append(apply_part(split.client, c, xb, False)[1] is c.state), cv, x)
+        assert same == [True]
         # eval mode uses the running statistics: the logits of a sample do not depend on the batch
-        np.testing.assert_allclose(ResNet18(10, width=W).apply(v, x[:2]), ref[:2], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_unsplit(v, x[:2]), ref[:2], rtol=1e-5, atol=1e-5)
 
 
 def test_stem_and_bn_momentum_by_hand(full):
     """bn1's new running stats = 0.9 * old + 0.1 * (mean, biased var) of the 7x7/2 pad-3 conv."""
     v, x = full
     c = _split_vars(v, CLIENT_KEYS)
-    _, st = apply_part(make_resnet18((16, 16, 3), 10, width=W).client, c, x, True)
+    _, st = _apply(make_resnet18((16, 16, 3), 10, width=W).client, c, x, True)
     k = c.params["conv1"]["kernel"]
     assert k.shape == (7, 7, 3, W)
     y = jax.lax.conv_general_dilated(x, k, (2, 2), ((3, 3), (3, 3)),
@@ -120,34 +130,34 @@ def test_masked_batch_stats_equal_real_rows_alone(full):
     real = x[:3]
     padded = jnp.concatenate([real, 50.0 + 10.0 * x[3:]])
     mask = jnp.array([True, True, True, False, False])
-    z_ref, st_ref = apply_part(split.client, c, real, True)
-    z, st = apply_part(split.client, c, padded, True, mask=mask)
+    z_ref, st_ref = _apply(split.client, c, real, True)
+    z, st = _apply(split.client, c, padded, True, mask=mask)
     np.testing.assert_allclose(z[:3], z_ref, rtol=1e-4, atol=1e-4)
     _close(st, st_ref)
     # without the mask the padding does change the statistics
-    _, st_nomask = apply_part(split.client, c, padded, True)
+    _, st_nomask = _apply(split.client, c, padded, True)
     assert not np.allclose(st_nomask["batch_stats"]["bn1"]["mean"], st_ref["batch_stats"]["bn1"]["mean"])
     # the server and the auxiliary take the mask too
     zp = jnp.concatenate([z_ref, 9.0 * jnp.ones((2, *z_ref.shape[1:]))])
     a = _random_vars(split.aux, z_ref[:1], 1)
     a = Vars(a["params"], {"batch_stats": a["batch_stats"]})
     for module, part in ((split.server, _split_vars(v, SERVER_KEYS)), (split.aux, a)):
-        out_ref, s_ref = apply_part(module, part, z_ref, True)
-        out, s = apply_part(module, part, zp, True, mask=mask)
+        out_ref, s_ref = _apply(module, part, z_ref, True)
+        out, s = _apply(module, part, zp, True, mask=mask)
         _close(s, s_ref)
         np.testing.assert_allclose(out[:3], out_ref, rtol=1e-4, atol=1e-4)
     # eval mode ignores the mask: running statistics, row by row
-    ze, _ = apply_part(split.client, c, padded, False, mask=mask)
-    np.testing.assert_allclose(ze[:3], apply_part(split.client, c, real, False)[0], rtol=1e-5, atol=1e-5)
+    ze, _ = _apply(split.client, c, padded, False, mask=mask)
+    np.testing.assert_allclose(ze[:3], _apply(split.client, c, real, False)[0], rtol=1e-5, atol=1e-5)
     # an all-padding batch stays finite (falls back to every row)
-    zn, stn = apply_part(split.client, c, padded, True, mask=jnp.zeros(5, bool))
+    zn, stn = _apply(split.client, c, padded, True, mask=jnp.zeros(5, bool))
     assert np.isfinite(zn).all() and all(np.isfinite(t).all() for t in jax.tree_util.tree_leaves(stn))
 
 
 def test_initialisation_like_torchvision():
     """On the (narrow) auxiliary: its conv, BN and dense use the same initialisers as every part."""
     aux = make_resnet18((16, 16, 3), 10, width=W).aux
-    v = aux.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 2, 2, 2 * W)))   # rbg: cheap eager compiles
+    v = jax.jit(aux.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 2, 2, 2 * W)))   # one program
     p = v["params"]
     k = np.asarray(p["layer"]["block1"]["conv2"]["kernel"])          # 3x3x4Wx4W, fan_out 9*4W
     assert k.shape == (3, 3, 4 * W, 4 * W)
