@@ -21,7 +21,7 @@ from fslsage_jax.data.augment import make_image_transform
 from fslsage_jax.models.resnet import ResNetAux, ResNetClient, ResNetServer, make_resnet18
 from fslsage_jax.split import SplitModel, Vars, model_bytes
 
-M, N, B, H, W = 2, 6, 4, 16, 8         # clients, samples per client (uneven batches: 4 + 2), batch, image, width
+M, N, B, H, W = 2, 6, 4, 16, 8     # clients, samples each (uneven batches: 4 + 2), batch, image side, width
 
 
 def small_resnet(**kw) -> SplitModel:
