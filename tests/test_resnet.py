@@ -147,7 +147,7 @@ def test_masked_batch_stats_equal_real_rows_alone(full):
 def test_initialisation_like_torchvision():
     """On the (narrow) auxiliary: its conv, BN and dense use the same initialisers as every part."""
     aux = make_resnet18((16, 16, 3), 10, width=W).aux
-    v = aux.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 2, 2, 2 * W)))   # rbg: cheap eager compiles
+    v = jax.jit(aux.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 2, 2, 2 * W)))   # one program, not ~30
     p = v["params"]
     k = np.asarray(p["layer"]["block1"]["conv2"]["kernel"])          # 3x3x4Wx4W, fan_out 9*4W
     assert k.shape == (3, 3, 4 * W, 4 * W)
