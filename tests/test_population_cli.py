@@ -14,12 +14,13 @@ from conftest import KILL_IN_SAVE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "experiments", "run.py")
-# A cohort of 4 clients of 6 runs the programs of test_resume.py's CLI runs (the same settings but
+# A cohort of 4 clients of 5 runs the programs of test_resume.py's CLI runs (the same settings but
 # the population and checkpoints): the compilation cache shares them.
 POP = ["--algo", "fsl_sage", "--dataset", "synthetic", "--synthetic-shape", "8x8x1",
-       "--synthetic-samples-per-client", "6", "--eval-subset", "32", "--num-clients", "40",
-       "--cohort-size", "4", "--rounds", "4", "--checkpoint-every", "1", "--align-interval", "2",
-       "--align-epochs", "1", "--align-batch-size", "8", "--align-buffer-size", "8", "--no-progress"]
+       "--synthetic-samples-per-client", "5", "--eval-subset", "32", "--num-clients", "40",
+       "--cohort-size", "4", "--batch-size", "2", "--rounds", "4", "--checkpoint-every", "1",
+       "--align-interval", "2", "--align-epochs", "1", "--align-batch-size", "8", "--align-buffer-size", "8",
+       "--no-progress"]
 TIMES = ("round_time_s", "eval_time_s")
 DROP = ("wall_time_s", "first_round_time_s", "mean_round_time_s")
 

@@ -177,12 +177,13 @@ def test_same_result_across_strategies(toy, tmp_path, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the CLI, killed
-# Synthetic 8x8x1 images (digits' CNN), 4 shards of 6, batch 256: a round is one step of milliseconds
-# on each whole shard, so a run costs its start-up (imports, tracing); only the processes that get a
-# signal are subprocesses, the reference and the last resumes run in this process (programs built
-# once). test_population_cli.py and test_validation.py run the same programs (compilation cache).
-CLI = ["--dataset", "synthetic", "--synthetic-shape", "8x8x1", "--synthetic-samples-per-client", "6",
-       "--eval-subset", "32", "--num-clients", "4", "--rounds", "4", "--checkpoint-every", "2", "--no-progress"]
+# Synthetic 8x8x1 images (digits' CNN), 4 shards of 5, batch 2: a round is 3 steps (the last one
+# partial) of milliseconds, so a run costs its start-up (imports, tracing); only the processes that
+# get a signal are subprocesses, the reference and the last resumes run in this process (programs
+# built once). test_population_cli.py runs the same programs (compilation cache).
+CLI = ["--dataset", "synthetic", "--synthetic-shape", "8x8x1", "--synthetic-samples-per-client", "5",
+       "--eval-subset", "32", "--num-clients", "4", "--batch-size", "2", "--rounds", "4", "--checkpoint-every", "2",
+       "--no-progress"]
 SAGE = ["--algo", "fsl_sage", *CLI, "--align-epochs", "1", "--align-interval", "2", "--align-batch-size", "8",
         "--align-buffer-size", "8"]
 

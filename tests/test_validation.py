@@ -274,11 +274,11 @@ def test_library_validate_refuses_the_same():
 def test_batch_larger_than_every_shard_is_one_step_on_the_whole_shard(tmp_path):
     """Issue 13 item 6: 4 clients of 6 images (synthetic, digits' 8x8x1 and CNN), batch 256:
     ceil(6 / 256) = 1 step per epoch on the whole shard; FSL-SAGE uploads every sample at k = 0,
-    SplitFed-MS (2 epochs) twice. FSL-SAGE runs the programs of test_resume.py's CLI runs."""
+    SplitFed-MS (2 epochs) twice."""
     data = ["--dataset", "synthetic", "--synthetic-shape", "8x8x1", "--synthetic-samples-per-client", "6",
             "--eval-subset", "32", "--num-clients", "4", "--no-progress"]
     out = tmp_path / "sage"
-    assert run.main(["--algo", "fsl_sage", *data, "--rounds", "2", "--align-epochs", "1", "--align-interval", "2",
+    assert run.main(["--algo", "fsl_sage", *data, "--rounds", "2", "--align-epochs", "1",
                      "--align-batch-size", "8", "--align-buffer-size", "8", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -287,7 +287,7 @@ def test_batch_larger_than_every_shard_is_one_step_on_the_whole_shard(tmp_path):
     assert [r["comm"]["smashed_up"] for r in recs] == [n * z, 2 * n * z]
     assert [r["comm"]["labels_up"] for r in recs] == [4 * n, 8 * n]
     assert recs[-1]["comm"]["model_up"] == 2 * 4 * s["model_bytes"]["client"]
-    assert [r["comm"]["aux_down"] for r in recs] == [4 * s["model_bytes"]["aux"]] * 2   # aligned at round 0 (l = 2)
+    assert [r["comm"]["aux_down"] for r in recs] == [4 * s["model_bytes"]["aux"]] * 2   # aligned at round 0 only
     stored = json.loads((out / "config.json").read_text())
     assert stored["provenance"] == "experiment_config" and stored["dataset"] == "synthetic"
     out = tmp_path / "ms"
