@@ -1,20 +1,22 @@
 """--memory-plan: every program compiled from abstract inputs, a JSON plan, exit 4 when over."""
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_cli_memory_plan_writes_the_plan_and_refuses_a_too_small_device(tmp_path):
+def test_cli_memory_plan_writes_the_plan_and_refuses_a_too_small_device(tmp_path, capsys):
+    """The CLI's main() in this process (a CLI start costs seconds); main's value is the exit code."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import run
     out = tmp_path / "plan"
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--memory-plan", "--num-clients", "2",
-           "--batch-size", "8", "--train-subset", "64", "--eval-subset", "32", "--align-batch-size", "16",
-           "--align-buffer-size", "16", "--device-memory-gib", "0.001", "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    assert p.returncode == 4, p.stderr
-    assert "DOES NOT FIT" in p.stdout and "round_step" in p.stdout
+    code = run.main(["--memory-plan", "--num-clients", "2", "--batch-size", "8", "--train-subset", "64",
+                     "--eval-subset", "32", "--align-batch-size", "16", "--align-buffer-size", "16",
+                     "--device-memory-gib", "0.001", "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 4, stderr
+    assert "DOES NOT FIT" in stdout and "round_step" in stdout
     plan = json.loads((out / "memory_plan.json").read_text())
     assert plan["limit_bytes"] == int(0.001 * 2 ** 30)
     (only,) = plan["plans"]

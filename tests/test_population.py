@@ -149,9 +149,10 @@ TEST_X = np.linspace(-1, 1, 20, dtype=np.float32).reshape(5, 4)
 TEST_Y = np.array([0, 1, 2, 1, 0], np.int32)
 
 
-def _sim(algo, out, **kw):
+def _sim(algo, out, population=N, **kw):
     kw = {"rounds": 4, "seed": 3, "progress": False, "checkpoint_every": 1, "cohort_size": K, **kw}
-    task = Task(TOY, toy_config(num_clients=N), _pop_data(), TEST_X, TEST_Y)
+    data = ClientArrays(*(a[:population] for a in _pop_data()))
+    task = Task(TOY, toy_config(num_clients=population), data, TEST_X, TEST_Y)
     return run_simulation(algo, task, RunOptions(out_dir=str(out), **kw))
 
 
@@ -189,8 +190,9 @@ def test_cohort_simulation_counts_cohort_messages_and_resumes_exactly(tmp_path, 
 
 
 def test_full_participation_takes_the_device_path(tmp_path):
-    a = _sim("cse_fsl", tmp_path / "a", cohort_size=None, rounds=2)
-    b = _sim("cse_fsl", tmp_path / "b", cohort_size=N, rounds=2)
+    """A population of K: the K-client programs the cohort tests built."""
+    a = _sim("cse_fsl", tmp_path / "a", population=K, cohort_size=None, rounds=2)
+    b = _sim("cse_fsl", tmp_path / "b", population=K, cohort_size=K, rounds=2)
     assert "cohort_size" not in a and "cohort_size" not in b
     assert _lines(tmp_path / "a" / "metrics.jsonl") == _lines(tmp_path / "b" / "metrics.jsonl")
 

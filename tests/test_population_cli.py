@@ -14,10 +14,13 @@ from conftest import KILL_IN_SAVE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "experiments", "run.py")
+# A cohort of 4 clients of 5 runs the programs of test_resume.py's CLI runs (the same settings but
+# the population and checkpoints): the compilation cache shares them.
 POP = ["--algo", "fsl_sage", "--dataset", "synthetic", "--synthetic-shape", "8x8x1",
-       "--synthetic-samples-per-client", "3", "--num-clients", "40", "--cohort-size", "4",
-       "--batch-size", "2", "--rounds", "4", "--checkpoint-every", "1", "--align-interval", "2",
-       "--align-epochs", "2", "--align-batch-size", "8", "--align-buffer-size", "8", "--no-progress"]
+       "--synthetic-samples-per-client", "5", "--eval-subset", "32", "--num-clients", "40",
+       "--cohort-size", "4", "--batch-size", "2", "--rounds", "4", "--checkpoint-every", "1",
+       "--align-interval", "2", "--align-epochs", "1", "--align-batch-size", "8", "--align-buffer-size", "8",
+       "--no-progress"]
 TIMES = ("round_time_s", "eval_time_s")
 DROP = ("wall_time_s", "first_round_time_s", "mean_round_time_s")
 
@@ -32,10 +35,18 @@ def _lines(path):
             for l in open(path).read().splitlines()]
 
 
+def _main(argv):
+    """The CLI's main() in this process (a CLI start costs seconds of imports and tracing)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import run
+    return run.main(argv)
+
+
 def test_cohort_run_killed_in_a_save_resumes_exactly(tmp_path, env):
+    """The uninterrupted run and the last resume run in this process (one build of the
+    programs); the run killed in a save is a CLI process."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    code, _, err = _run([*POP, "--out", str(ref)], env)
-    assert code == 0, err
+    assert _main([*POP, "--out", str(ref)]) == 0
     s = json.loads((ref / "summary.json").read_text())
     assert s["cohort_size"] == 4 and 4 <= s["clients_taken_part"] <= 16
     assert s["comm"]["model_up"] == 4 * 4 * s["model_bytes"]["client"]
@@ -45,8 +56,8 @@ def test_cohort_run_killed_in_a_save_resumes_exactly(tmp_path, env):
     assert code == -signal.SIGKILL, err
     assert checkpoint.latest(str(run)).rounds == 2
     assert (run / "checkpoints" / ".tmp-round_000003" / "population.npz").is_file()
-    code, _, err = _run(["--resume", str(run)], env)
-    assert code == 0, err
+    assert _lines(run / "metrics.jsonl") == _lines(ref / "metrics.jsonl")[:3]    # the CLI process's rounds
+    assert _main(["--resume", str(run)]) == 0
     assert _lines(run / "metrics.jsonl") == _lines(ref / "metrics.jsonl")
     a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert {k: v for k, v in a.items() if k not in DROP} == {k: v for k, v in b.items() if k not in DROP}
@@ -69,10 +80,8 @@ BASE = POP[:POP.index("--cohort-size")] + POP[POP.index("--cohort-size") + 2:]
 def test_bad_population_flags_exit_2_and_write_nothing(tmp_path, capfd, flags, msg):
     """In this process (a CLI start each costs seconds); the subprocess test below checks that
     the whole process prints nothing else."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import run
     with pytest.raises(SystemExit) as e:
-        run.main([*BASE, *flags, "--out", str(tmp_path / "out")])
+        _main([*BASE, *flags, "--out", str(tmp_path / "out")])
     err = capfd.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {msg}"), err
     assert not (tmp_path / "out").exists()

@@ -1,9 +1,9 @@
 """Never lose a run: checkpoints, exact resume, divergence and interrupts.
 
-In-process tests use the toy split model (every algorithm, seconds); the
-subprocess tests run the real CLI on digits and kill it with SIGKILL / SIGTERM,
-then resume and compare ``metrics.jsonl`` with an uninterrupted run (identical
-except the time fields).
+In-process tests use the toy split model (every algorithm, seconds); the CLI
+tests run the real CLI on synthetic 8x8 images, kill it with SIGKILL / SIGTERM in
+a subprocess, then resume and compare ``metrics.jsonl`` with an uninterrupted run
+(identical except the time fields).
 """
 import json
 import os
@@ -177,9 +177,46 @@ def test_same_result_across_strategies(toy, tmp_path, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the CLI, killed
-CLI = ["--num-clients", "4", "--batch-size", "128", "--rounds", "4", "--checkpoint-every", "2",
+# Synthetic 8x8x1 images (digits' CNN), 4 shards of 5, batch 2: a round is 3 steps (the last one
+# partial) of milliseconds, so a run costs its start-up (imports, tracing); only the processes that
+# get a signal are subprocesses, the reference and the last resumes run in this process (programs
+# built once). test_population_cli.py runs the same programs (compilation cache).
+CLI = ["--dataset", "synthetic", "--synthetic-shape", "8x8x1", "--synthetic-samples-per-client", "5",
+       "--eval-subset", "32", "--num-clients", "4", "--batch-size", "2", "--rounds", "4", "--checkpoint-every", "2",
        "--no-progress"]
-SAGE = ["--align-epochs", "1", "--align-interval", "2", "--align-batch-size", "100", "--align-buffer-size", "100"]
+SAGE = ["--algo", "fsl_sage", *CLI, "--align-epochs", "1", "--align-interval", "2", "--align-batch-size", "8",
+        "--align-buffer-size", "8"]
+
+# Runs the CLI's main() (argv[3:]) holding its stop poll number argv[1] (after that many rounds, before
+# the last one's metrics line) until a signal arrives (at most 2 minutes), after creating the file
+# argv[2]: the test's signal lands mid-run on a fast machine and a slow one alike.
+HOLD = """
+import sys, time
+sys.path.insert(0, {experiments!r})
+import run
+at, marker = int(sys.argv[1]), sys.argv[2]
+poll, calls = run.StopFlag.__call__, [0]
+
+def held(self):
+    calls[0] += 1
+    if calls[0] == at:
+        open(marker, "w").close()
+        t0 = time.time()
+        while self.signum is None and time.time() - t0 < 120:
+            time.sleep(0.01)
+    return poll(self)
+
+run.StopFlag.__call__ = held
+sys.exit(run.main(sys.argv[3:]))
+"""
+
+
+def _main(argv):
+    """The CLI's main() in this process."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import run
+    return run.main(argv)
+
 
 def _start(args, env, script=None):
     script = script or os.path.join(ROOT, "experiments", "run.py")
@@ -187,81 +224,83 @@ def _start(args, env, script=None):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _held(tmp_path, env, at, args):
+    """A CLI process held at its stop poll ``at`` (see HOLD), once it is there."""
+    script, marker = tmp_path / "hold.py", tmp_path / "held"
+    script.write_text(HOLD.format(experiments=os.path.join(ROOT, "experiments")))
+    p = _start([str(at), str(marker), *args], env, script=str(script))
+    t0 = time.time()
+    while not marker.exists():
+        if p.poll() is not None or time.time() - t0 > 300:
+            p.kill()
+            raise AssertionError(f"never held at poll {at}: {p.communicate()}")
+        time.sleep(0.05)
+    return p
+
+
 def _count_lines(path):
     with open(path) as f:
         return f.read().count("\n")
 
 
-def _wait_for_lines(path, n, proc, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if os.path.exists(path) and _count_lines(path) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"no {n} rounds in {path} after {timeout} s")
-
-
 def _finish(proc):
-    out, err = proc.communicate(timeout=600)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()                       # no-op once it exited; never left behind by a failure
     return proc.returncode, out, err
 
 
 @pytest.fixture(scope="module")
-def cli_ref(tmp_path_factory, env):
-    """The uninterrupted CLI run both kill tests compare with (one CLI start for both)."""
+def cli_ref(tmp_path_factory):
+    """The uninterrupted CLI run the kill tests compare with (in this process)."""
     ref_dir = tmp_path_factory.mktemp("cli") / "ref"
-    code, _, err = _finish(_start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(ref_dir)], env))
-    assert code == 0, err
+    assert _main([*SAGE, "--out", str(ref_dir)]) == 0
     return ref_dir
+
+
+def _same_as_ref(run_dir, ref_dir, summaries=True):
+    assert _strip(_lines(run_dir / "metrics.jsonl")) == _strip(_lines(ref_dir / "metrics.jsonl"))
+    if summaries:
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
+        assert {k: v for k, v in a.items() if k not in DROP} == {k: v for k, v in b.items() if k not in DROP}
 
 
 def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, env, cli_ref):
     ref_dir, run_dir = cli_ref, tmp_path / "run"
-    p = _start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(run_dir)], env)
-    _wait_for_lines(run_dir / "metrics.jsonl", 1, p)
+    p = _held(tmp_path, env, 2, [*SAGE, "--out", str(run_dir)])        # after rounds 0 and 1
     p.send_signal(signal.SIGTERM)
     code, _, err = _finish(p)
     assert code == 143, err
     s = json.loads((run_dir / "summary.json").read_text())
-    assert s["stop_reason"] == "interrupted" and 1 <= s["rounds_run"] < 4
+    assert s["stop_reason"] == "interrupted" and s["rounds_run"] == 2     # stopped after that round
     assert checkpoint.latest(str(run_dir)).rounds == s["rounds_run"]
     assert "--resume" in err.strip().splitlines()[-1]
-    # resume, and die by SIGKILL in the middle of writing the round-4 checkpoint
+    # resume in a new process, and die by SIGKILL in the middle of writing the round-4 checkpoint
     killer = tmp_path / "kill_in_save.py"
     killer.write_text(KILL_IN_SAVE.format(experiments=os.path.join(ROOT, "experiments")))
-    p = _start(["4", "--resume", str(run_dir)], env, script=str(killer))
-    code, _, err = _finish(p)
+    code, _, err = _finish(_start(["4", "--resume", str(run_dir)], env, script=str(killer)))
     assert code == -signal.SIGKILL, err
     assert checkpoint.latest(str(run_dir)).rounds == s["rounds_run"]        # the old one stays valid
     assert (run_dir / "checkpoints" / ".tmp-round_000004").is_dir()
     assert len(_lines(run_dir / "metrics.jsonl")) == 4
-    code, _, err = _finish(_start(["--resume", str(run_dir)], env))
-    assert code == 0, err
-    assert _strip(_lines(run_dir / "metrics.jsonl")) == _strip(_lines(ref_dir / "metrics.jsonl"))
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
-    assert {k: v for k, v in a.items() if k not in DROP} == {k: v for k, v in b.items() if k not in DROP}
+    _same_as_ref(run_dir, ref_dir, summaries=False)      # the resumed process's rounds 2, 3 already
+    assert _main(["--resume", str(run_dir)]) == 0
+    _same_as_ref(run_dir, ref_dir)
 
 
 def test_cli_sigkill_after_a_round_then_resume_is_identical(tmp_path, env, cli_ref):
     ref_dir, run_dir = cli_ref, tmp_path / "run"
-    p = _start(["--algo", "fsl_sage", *CLI, *SAGE, "--out", str(run_dir)], env)
-    t0 = time.time()
-    while checkpoint.latest(str(run_dir)) is None:                    # the round-2 checkpoint
-        assert p.poll() is None and time.time() - t0 < 300, p.communicate()
-        time.sleep(0.05)
+    p = _held(tmp_path, env, 3, [*SAGE, "--out", str(run_dir)])        # round 2 done, not yet written
     p.kill()
     p.communicate()
     assert checkpoint.latest(str(run_dir)).rounds == 2 and p.returncode == -signal.SIGKILL
-    code, _, err = _finish(_start(["--resume", str(run_dir)], env))
-    assert code == 0, err
-    assert _strip(_lines(run_dir / "metrics.jsonl")) == _strip(_lines(ref_dir / "metrics.jsonl"))
+    assert _main(["--resume", str(run_dir)]) == 0
+    _same_as_ref(run_dir, ref_dir)
 
 
 def test_cli_divergence_exits_3_with_one_line(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import run
-    code = run.main(["--algo", "fed_avg", *CLI, "--rounds", "2", "--lr", "1e30", "--out", str(tmp_path)])
+    code = _main(["--algo", "fed_avg", *CLI, "--rounds", "2", "--lr", "1e30", "--out", str(tmp_path)])
     assert code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fed_avg diverged at round 0" in err[0]
@@ -292,12 +331,10 @@ def test_signal_sets_the_stop_flag_and_exit_codes():
 
 def test_default_relative_out_checkpoints_and_resumes(tmp_path, monkeypatch):
     """The default --out is relative (runs/...): checkpoints and --resume must work with it."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import run
     monkeypatch.chdir(tmp_path)
-    assert run.main(["--algo", "sl_single_server", *CLI, "--rounds", "2"]) == 0
+    assert _main([*SAGE, "--rounds", "2"]) == 0               # the kill tests' programs
     (out,) = os.listdir("runs")
     rel = os.path.join("runs", out)
     assert checkpoint.latest(rel).rounds == 2
-    assert run.main(["--resume", rel, "--rounds", "3", "--no-progress"]) == 0
+    assert _main(["--resume", rel, "--rounds", "3", "--no-progress"]) == 0
     assert _count_lines(os.path.join(rel, "metrics.jsonl")) == 3

@@ -272,25 +272,27 @@ def test_library_validate_refuses_the_same():
 
 
 def test_batch_larger_than_every_shard_is_one_step_on_the_whole_shard(tmp_path):
-    """Issue 13 item 6: 8 digits clients of 179 samples, batch 256: ceil(179 / 256) = 1 step per
-    epoch on the whole shard; FSL-SAGE uploads every sample at k = 0, SplitFed-MS (2 epochs) twice."""
+    """Issue 13 item 6: 4 clients of 6 images (synthetic, digits' 8x8x1 and CNN), batch 256:
+    ceil(6 / 256) = 1 step per epoch on the whole shard; FSL-SAGE uploads every sample at k = 0,
+    SplitFed-MS (2 epochs) twice."""
+    data = ["--dataset", "synthetic", "--synthetic-shape", "8x8x1", "--synthetic-samples-per-client", "6",
+            "--eval-subset", "32", "--num-clients", "4", "--no-progress"]
     out = tmp_path / "sage"
-    assert run.main(["--algo", "fsl_sage", "--num-clients", "8", "--rounds", "2", "--align-epochs", "1",
-                     "--align-batch-size", "100", "--align-buffer-size", "100", "--out", str(out),
-                     "--no-progress"]) == 0
+    assert run.main(["--algo", "fsl_sage", *data, "--rounds", "2", "--align-epochs", "1",
+                     "--align-batch-size", "8", "--align-buffer-size", "8", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     n, z = sum(s["client_sample_counts"]), 4 * s["cut_shape"][0]
-    assert max(s["client_sample_counts"]) < 256 and n == 8 * 179
+    assert max(s["client_sample_counts"]) < 256 and n == 4 * 6
     assert [r["comm"]["smashed_up"] for r in recs] == [n * z, 2 * n * z]
     assert [r["comm"]["labels_up"] for r in recs] == [4 * n, 8 * n]
-    assert recs[-1]["comm"]["model_up"] == 2 * 8 * s["model_bytes"]["client"]
-    assert [r["comm"]["aux_down"] for r in recs] == [8 * s["model_bytes"]["aux"]] * 2   # aligned at round 0 only
+    assert recs[-1]["comm"]["model_up"] == 2 * 4 * s["model_bytes"]["client"]
+    assert [r["comm"]["aux_down"] for r in recs] == [4 * s["model_bytes"]["aux"]] * 2   # aligned at round 0 only
     stored = json.loads((out / "config.json").read_text())
-    assert stored["provenance"] == "experiment_config" and stored["dataset"] == "digits"
+    assert stored["provenance"] == "experiment_config" and stored["dataset"] == "synthetic"
     out = tmp_path / "ms"
-    assert run.main(["--algo", "sl_multi_server", "--num-clients", "8", "--rounds", "1", "--local-epochs", "2",
-                     "--out", str(out), "--no-progress"]) == 0
+    assert run.main(["--algo", "sl_multi_server", *data, "--rounds", "1", "--local-epochs", "2",
+                     "--out", str(out)]) == 0
     (rec,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rec["comm"]["smashed_up"] == rec["comm"]["grad_down"] == 2 * n * z
 
