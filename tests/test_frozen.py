@@ -18,23 +18,21 @@ from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.engine import ClientArrays, make_evaluate
 from fslsage_jax.split import SplitModel, Vars, describe, init_split, model_bytes
 
-# nested tuples, not arrays: a hashable module lets init_split compile one program per model
-# (shared by every test) instead of running flax's init op by op
-W_C = tuple(map(tuple, np.linspace(-1, 1, 4 * 6, dtype=np.float32).reshape(4, 6).tolist()))
-W_S = tuple(map(tuple, np.linspace(1, -1, 6 * 3, dtype=np.float32).reshape(6, 3).tolist()))
+W_C = np.linspace(-1, 1, 4 * 6, dtype=np.float32).reshape(4, 6)
+W_S = np.linspace(1, -1, 6 * 3, dtype=np.float32).reshape(6, 3)
 
 
 class Adapted(nn.Module):
     """y = x @ (W0 + a b^T) + c with W0 frozen (collection) or a constant."""
-    w0: tuple
+    w0: np.ndarray
     baked: bool
     act: bool = True
 
     @nn.compact
     def __call__(self, x, train=False):
         x = x.reshape(x.shape[0], -1)
-        w0 = (jnp.asarray(self.w0, jnp.float32) if self.baked else
-              self.variable("frozen", "w0", lambda: jnp.asarray(self.w0, jnp.float32)).value)
+        w0 = (jnp.asarray(self.w0) if self.baked else
+              self.variable("frozen", "w0", lambda: jnp.asarray(self.w0)).value)
         a = self.param("a", nn.initializers.normal(0.5), (w0.shape[0], 1))
         b = self.param("b", nn.initializers.normal(0.5), (1, w0.shape[1]))
         c = self.param("c", nn.initializers.zeros, (w0.shape[1],))
