@@ -65,14 +65,12 @@ def randomise_lora(params, key):
     return jax.tree_util.tree_unflatten(tree, new)
 
 
-@functools.cache
-def _full_init(lora):
-    return jax.jit(lambda k: GPT2Full(CFG, lora=lora).init({"params": k}, ids(), train=False))
-
-
-def full_vars(key=0, lora=True):
-    v = _full_init(lora)(jax.random.key(key))
-    return {"params": v.get("params", {}), "frozen": v["frozen"]}
+def full_vars(key=0):
+    """GPT2Full's variables (its layout is the client's and server's side by side), taken from
+    the split's initialisation: one init program serves the split and the unsplit model."""
+    c, s, _ = init_split_jit(SPLIT, jax.random.key(key))
+    return {"params": {"client": c.params, "server": s.params},
+            "frozen": {"client": c.frozen, "server": s.frozen}}
 
 
 @functools.cache
