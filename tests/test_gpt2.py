@@ -42,16 +42,6 @@ VOCAB = next((os.path.join(p, "gpt2-vocab") for p in SHARED
               if os.path.exists(os.path.join(p, "gpt2-vocab", "vocab.json"))), None)
 
 
-@functools.cache
-def _init_split_compiled(split):
-    return jax.jit(functools.partial(init_split, split))
-
-
-def init_split_jit(split, key):
-    """init_split compiled once per split (eager initialisation dispatches hundreds of small ops)."""
-    return _init_split_compiled(split)(key)
-
-
 def ids(seed=0, b=2, t=T, v=CFG.vocab_size):
     return jax.random.randint(jax.random.key(seed), (b, t), 0, v, jnp.int32)
 
@@ -68,7 +58,7 @@ def randomise_lora(params, key):
 def full_vars(key=0):
     """GPT2Full's variables (its layout is the client's and server's side by side), taken from
     the split's initialisation: one init program serves the split and the unsplit model."""
-    c, s, _ = init_split_jit(SPLIT, jax.random.key(key))
+    c, s, _ = init_split(SPLIT, jax.random.key(key))
     return {"params": {"client": c.params, "server": s.params},
             "frozen": {"client": c.frozen, "server": s.frozen}}
 
@@ -132,7 +122,7 @@ def test_lora_dropout_only_in_train_mode():
 
 def test_init_split_trainable_is_lora_only_and_embedding_tied():
     split = SPLIT
-    c, s, a = init_split_jit(split, jax.random.key(0))
+    c, s, a = init_split(split, jax.random.key(0))
     names = lambda t: {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
     assert names(c.params) == names(s.params) == {"lora_q_a", "lora_q_b", "lora_v_a", "lora_v_b"}
     assert set(c.params) == {"h_0"} and set(s.params) == {"h_1", "h_2"}
@@ -239,7 +229,7 @@ def test_weight_loading_round_trip(tmp_path):
     assert w.server["wte"] is w.client["wte"] and w.aux["wte"] is w.client["wte"]
     np.testing.assert_array_equal(w.client["wte"], t["wte.weight"])
     # logits of the split model (LoRA B = 0) equal an independent numpy GPT-2
-    c, s, _ = init_split_jit(SPLIT, jax.random.key(0))
+    c, s, _ = init_split(SPLIT, jax.random.key(0))
     x = np.asarray(ids(7))
     _, logits = split_logits(c.with_frozen(w.client), s.with_frozen(w.server), x)
     np.testing.assert_allclose(logits, numpy_gpt2(t, x, CFG), rtol=1e-4, atol=1e-4)
@@ -254,7 +244,7 @@ def test_weight_loading_aux_lora_copies_blocks_after_cut():
     w = frozen_from_state_dict(t, c)
     np.testing.assert_array_equal(w.aux["h_1"]["c_fc_kernel"], t["h.1.mlp.c_fc.weight"])
     np.testing.assert_array_equal(w.aux["ln_f_scale"], t["ln_f.weight"])
-    _, _, a = init_split_jit(make_gpt2(c, T), jax.random.key(0))
+    _, _, a = init_split(make_gpt2(c, T), jax.random.key(0))
     assert jax.tree.map(np.shape, a.frozen) == jax.tree.map(np.shape, w.aux)
 
 
@@ -362,7 +352,7 @@ def test_greedy_generate_equals_step_by_step_argmax():
     t = hf_tensors(CFG, seed=2)
     w = frozen_from_state_dict(t, CFG)
     split = SPLIT
-    c, s, _ = init_split_jit(split, jax.random.key(0))
+    c, s, _ = init_split(split, jax.random.key(0))
     c, s = c.with_frozen(w.client), s.with_frozen(w.server)
     prompts = np.asarray(ids(8, b=3, t=4))
     lens = np.array([4, 2, 3])
