@@ -42,16 +42,6 @@ VOCAB = next((os.path.join(p, "gpt2-vocab") for p in SHARED
               if os.path.exists(os.path.join(p, "gpt2-vocab", "vocab.json"))), None)
 
 
-@functools.cache
-def _init_split_compiled(split):
-    return jax.jit(functools.partial(init_split, split))
-
-
-def init_split_jit(split, key):
-    """init_split compiled once per split (eager initialisation dispatches hundreds of small ops)."""
-    return _init_split_compiled(split)(key)
-
-
 def ids(seed=0, b=2, t=T, v=CFG.vocab_size):
     return jax.random.randint(jax.random.key(seed), (b, t), 0, v, jnp.int32)
 
@@ -65,27 +55,42 @@ def randomise_lora(params, key):
     return jax.tree_util.tree_unflatten(tree, new)
 
 
+def full_vars(key=0):
+    """GPT2Full's variables (its layout is the client's and server's side by side), taken from
+    the split's initialisation: one init program serves the split and the unsplit model."""
+    c, s, _ = init_split(SPLIT, jax.random.key(key))
+    return {"params": {"client": c.params, "server": s.params},
+            "frozen": {"client": c.frozen, "server": s.frozen}}
+
+
 @functools.cache
-def _full_init(lora):
-    return jax.jit(lambda k: GPT2Full(CFG, lora=lora).init({"params": k}, ids(), train=False))
+def _full_apply_compiled(lora, train, dropout):
+    def apply(v, x, key):
+        return GPT2Full(CFG, lora=lora).apply(v, x, train=train, rngs={"dropout": key} if dropout else None)
+    return jax.jit(apply)
 
 
-def full_vars(key=0, lora=True):
-    v = _full_init(lora)(jax.random.key(key))
-    return {"params": v.get("params", {}), "frozen": v["frozen"]}
+def full_apply(v, x, train=False, lora=True, dropout_key=None):
+    """GPT2Full(CFG).apply as one compiled program per mode (op by op it compiles ~70 small ones)."""
+    return _full_apply_compiled(lora, train, dropout_key is not None)(v, x, dropout_key)
+
+
+@jax.jit
+def split_logits(cv, sv, x):
+    """The split model's client then server part (eval mode): cut activations and logits."""
+    z, _ = apply_part(SPLIT.client, cv, x, train=False)
+    return z, apply_part(SPLIT.server, sv, z, train=False)[0]
 
 
 def test_split_logits_equal_unsplit_model():
     v = full_vars()
     v["params"] = randomise_lora(v["params"], jax.random.key(1))
     x = ids(2)
-    ref = GPT2Full(CFG).apply(v, x, train=False)
-    split = SPLIT
+    ref = full_apply(v, x)
     cv = Vars(v["params"]["client"], {}, v["frozen"]["client"])
     sv = Vars(v["params"]["server"], {}, v["frozen"]["server"])
-    z, _ = apply_part(split.client, cv, x, train=False)
+    z, logits = split_logits(cv, sv, x)
     assert z.shape == (2, T, CFG.n_embd)
-    logits, _ = apply_part(split.server, sv, z, train=False)
     assert logits.shape == (2, T, CFG.vocab_size)
     np.testing.assert_allclose(logits, ref, atol=1e-5)
 
@@ -93,31 +98,31 @@ def test_split_logits_equal_unsplit_model():
 def test_lora_b_zero_equals_base_model_and_nonzero_b_does_not():
     v = full_vars()
     x = ids(3)
-    base = GPT2Full(CFG, lora=False).apply({"frozen": v["frozen"]}, x, train=False)
-    np.testing.assert_allclose(GPT2Full(CFG).apply(v, x, train=False), base, atol=1e-6)
+    base = full_apply({"frozen": v["frozen"]}, x, lora=False)
+    np.testing.assert_allclose(full_apply(v, x), base, atol=1e-6)
     v2 = {**v, "params": randomise_lora(v["params"], jax.random.key(4))}
-    assert np.abs(GPT2Full(CFG).apply(v2, x, train=False) - base).max() > 1e-3
+    assert np.abs(full_apply(v2, x) - base).max() > 1e-3
 
 
 def test_lora_dropout_only_in_train_mode():
     v = full_vars()
     v["params"] = randomise_lora(v["params"], jax.random.key(5))
-    x, m = ids(6), GPT2Full(CFG)
-    ev = m.apply(v, x, train=False)
-    np.testing.assert_allclose(m.apply(v, x, train=False, rngs={"dropout": jax.random.key(0)}), ev)
-    tr = m.apply(v, x, train=True, rngs={"dropout": jax.random.key(0)})
+    x = ids(6)
+    ev = full_apply(v, x)
+    np.testing.assert_allclose(full_apply(v, x, dropout_key=jax.random.key(0)), ev)
+    tr = full_apply(v, x, train=True, dropout_key=jax.random.key(0))
     assert np.abs(tr - ev).max() > 1e-4
     # train mode without a dropout rng (the engine's gradient-only passes): no dropout
-    np.testing.assert_allclose(m.apply(v, x, train=True), ev, atol=1e-6)
+    np.testing.assert_allclose(full_apply(v, x, train=True), ev, atol=1e-6)
     # with B = 0 the LoRA path (the only dropout) contributes nothing, even in train mode
     v0 = full_vars()
-    np.testing.assert_allclose(m.apply(v0, x, train=True, rngs={"dropout": jax.random.key(0)}),
-                               m.apply(v0, x, train=False), atol=1e-6)
+    np.testing.assert_allclose(full_apply(v0, x, train=True, dropout_key=jax.random.key(0)),
+                               full_apply(v0, x), atol=1e-6)
 
 
 def test_init_split_trainable_is_lora_only_and_embedding_tied():
     split = SPLIT
-    c, s, a = init_split_jit(split, jax.random.key(0))
+    c, s, a = init_split(split, jax.random.key(0))
     names = lambda t: {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
     assert names(c.params) == names(s.params) == {"lora_q_a", "lora_q_b", "lora_v_a", "lora_v_b"}
     assert set(c.params) == {"h_0"} and set(s.params) == {"h_1", "h_2"}
@@ -129,7 +134,9 @@ def test_init_split_trainable_is_lora_only_and_embedding_tied():
     c, s, a = tie_embeddings(c, s, a)
     assert s.frozen["wte"] is c.frozen["wte"] and a.frozen["wte"] is c.frozen["wte"]
     # aux_mode="full" (the authors' code): trainable random blocks without LoRA, only wte frozen
-    _, _, a = init_split_jit(make_gpt2(GPT2Config(**{**CFG.__dict__, "aux_mode": "full"}), T), jax.random.key(0))
+    # (which variables exist: shapes suffice, no initialisation program to compile)
+    full_aux = make_gpt2(GPT2Config(**{**CFG.__dict__, "aux_mode": "full"}), T)
+    _, _, a = jax.eval_shape(functools.partial(init_split, full_aux), jax.random.key(0))
     assert set(a.frozen) == {"wte"} and "c_attn_kernel" in a.params["h_1"]
     assert "lora_q_a" not in a.params["h_1"]
 
@@ -222,11 +229,9 @@ def test_weight_loading_round_trip(tmp_path):
     assert w.server["wte"] is w.client["wte"] and w.aux["wte"] is w.client["wte"]
     np.testing.assert_array_equal(w.client["wte"], t["wte.weight"])
     # logits of the split model (LoRA B = 0) equal an independent numpy GPT-2
-    split = SPLIT
-    c, s, _ = init_split_jit(split, jax.random.key(0))
+    c, s, _ = init_split(SPLIT, jax.random.key(0))
     x = np.asarray(ids(7))
-    z, _ = apply_part(split.client, c.with_frozen(w.client), x, train=False)
-    logits, _ = apply_part(split.server, s.with_frozen(w.server), z, train=False)
+    _, logits = split_logits(c.with_frozen(w.client), s.with_frozen(w.server), x)
     np.testing.assert_allclose(logits, numpy_gpt2(t, x, CFG), rtol=1e-4, atol=1e-4)
     # init_split's frozen trees have exactly the loaded structure and shapes
     shapes = lambda tree: jax.tree.map(np.shape, tree)
@@ -239,7 +244,7 @@ def test_weight_loading_aux_lora_copies_blocks_after_cut():
     w = frozen_from_state_dict(t, c)
     np.testing.assert_array_equal(w.aux["h_1"]["c_fc_kernel"], t["h.1.mlp.c_fc.weight"])
     np.testing.assert_array_equal(w.aux["ln_f_scale"], t["ln_f.weight"])
-    _, _, a = init_split_jit(make_gpt2(c, T), jax.random.key(0))
+    _, _, a = init_split(make_gpt2(c, T), jax.random.key(0))
     assert jax.tree.map(np.shape, a.frozen) == jax.tree.map(np.shape, w.aux)
 
 
@@ -347,7 +352,7 @@ def test_greedy_generate_equals_step_by_step_argmax():
     t = hf_tensors(CFG, seed=2)
     w = frozen_from_state_dict(t, CFG)
     split = SPLIT
-    c, s, _ = init_split_jit(split, jax.random.key(0))
+    c, s, _ = init_split(split, jax.random.key(0))
     c, s = c.with_frozen(w.client), s.with_frozen(w.server)
     prompts = np.asarray(ids(8, b=3, t=4))
     lens = np.array([4, 2, 3])

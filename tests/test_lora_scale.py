@@ -28,25 +28,31 @@ def _merged(frozen, lora):
     return {**frozen, "c_attn_kernel": jnp.asarray(w, jnp.float32)}
 
 
+def _jit_apply(module):
+    """``module.apply`` in eval mode as one program (op by op it compiles dozens of small ones)."""
+    return jax.jit(lambda v, x: module.apply(v, x, train=False))
+
+
 def test_lora_block_equals_base_block_with_the_merged_delta():
     x = jax.random.normal(jax.random.key(1), (2, 5, D))
-    frozen = Block(CFG).init({"params": jax.random.key(0)}, x)["frozen"]
+    frozen = jax.jit(Block(CFG).init)({"params": jax.random.key(0)}, x)["frozen"]
     lora = _known_lora()
-    got = Block(CFG).apply({"params": lora, "frozen": frozen}, x, train=False)
-    want = Block(CFG, lora=False).apply({"frozen": _merged(frozen, lora)}, x, train=False)
+    got = _jit_apply(Block(CFG))({"params": lora, "frozen": frozen}, x)
+    base_block = _jit_apply(Block(CFG, lora=False))
+    want = base_block({"frozen": _merged(frozen, lora)}, x)
     assert np.abs(np.asarray(got) - np.asarray(want)).max() < 1e-4 * np.abs(np.asarray(want)).max()
     # the delta matters at this size: without it the output is far away
-    base = Block(CFG, lora=False).apply({"frozen": frozen}, x, train=False)
+    base = base_block({"frozen": frozen}, x)
     assert np.abs(np.asarray(got) - np.asarray(base)).max() > 0.1
 
 
 def test_lora_client_part_equals_merged_base_client():
     # the same through the split's client part (embeddings + block h_0), token ids in
     ids = jnp.array([[1, 4, 7, 2, 9], [3, 3, 0, 10, 5]], jnp.int32)
-    v = GPT2Client(CFG).init({"params": jax.random.key(2)}, ids)
+    v = jax.jit(GPT2Client(CFG).init)({"params": jax.random.key(2)}, ids)
     lora = _known_lora(3)
     frozen = dict(v["frozen"])
-    got = GPT2Client(CFG).apply({"params": {"h_0": lora}, "frozen": frozen}, ids)
+    got = _jit_apply(GPT2Client(CFG))({"params": {"h_0": lora}, "frozen": frozen}, ids)
     frozen_m = {**frozen, "h_0": _merged(frozen["h_0"], lora)}
-    want = GPT2Client(CFG, lora=False).apply({"frozen": frozen_m}, ids)
+    want = _jit_apply(GPT2Client(CFG, lora=False))({"frozen": frozen_m}, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
