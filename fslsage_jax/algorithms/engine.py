@@ -174,7 +174,9 @@ def make_run_round(cfg: Config, step: Callable, end: Callable, n_max: int,
     one_j = one if cfg.strategy == "loop" else jax.jit(one, donate_argnums=(0, 1), out_shardings=out)
     finish_j = jax.jit(finish, donate_argnums=(0, 1), out_shardings=out)
 
-    zeros_j = jax.jit(zero_metrics)
+    # the counters start where the steps return them (replicated over a mesh): else step 1
+    # sees a new input sharding and compiles the step program a second time
+    zeros_j = jax.jit(zero_metrics, out_shardings=None if state_sharding is None else state_sharding.round)
 
     def run_round(state, data, key):
         # no eager op here (an eager op waits for the queued steps): the host runs ahead
