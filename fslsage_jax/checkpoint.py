@@ -28,6 +28,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 CKPT_DIR = "checkpoints"
 META = "meta.json"
@@ -184,6 +186,11 @@ def restore(ckpt: Checkpoint, template: Any) -> Any:
         loaded = ckptr.restore(os.path.join(os.path.abspath(ckpt.path), "state"), abstract)
     finally:
         ckptr.close()
-    state = jax.tree_util.tree_unflatten(treedef, [loaded[f"leaf_{i:05d}"] for i in range(len(leaves))])
+    # orbax hands back arrays committed to a device; an uncommitted template leaf (a fresh
+    # jit(init) state) stays uncommitted, else jit compiles every program a second time
+    restored = [loaded[f"leaf_{i:05d}"] for i in range(len(leaves))]
+    restored = [r if getattr(x, "committed", True) else jnp.asarray(np.asarray(r))
+                for x, r in zip(leaves, restored)]
+    state = jax.tree_util.tree_unflatten(treedef, restored)
     frozen = getattr(template, "frozen", None)
     return state if frozen is None else state._replace(frozen=frozen)

@@ -219,8 +219,6 @@ def _start(algo, task: Task, opts: RunOptions, part, metrics_path: str | None, m
     if mesh is not None:
         from fslsage_jax.sharding import shard_state
         state = shard_state(state, mesh)
-    else:       # committed, as a restored checkpoint is: a resumed run reuses the same programs
-        state = jax.device_put(state, jax.local_devices()[0])
     part.start(state)
     out = (state, Ledger.empty(), [], 0, 0.0)
     if opts.resume:
