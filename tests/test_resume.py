@@ -7,6 +7,7 @@ a subprocess, then resume and compare ``metrics.jsonl`` with an uninterrupted ru
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,22 @@ def test_interrupt_then_resume_equals_uninterrupted(toy, tmp_path, tmp_path_fact
     assert _strip(_lines(tmp_path / "metrics.jsonl")) == _strip(ref_recs)
     assert {k: v for k, v in s2.items() if k not in DROP} == {k: v for k, v in ref.items() if k not in DROP}
     assert json.loads((tmp_path / "summary.json").read_text())["rounds_run"] == 5
+
+
+def test_resume_reuses_the_compiled_programs(toy, tmp_path, caplog):
+    """A restored state is placed as a fresh one is: resuming in the same process compiles
+    (or loads from the persistent cache) none of the round's programs again."""
+    _sim(toy, "fsl_sage", tmp_path, stop_requested=StopAfter(3))
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("DEBUG"):
+            assert _sim(toy, "fsl_sage", tmp_path, resume=True)["rounds_run"] == 5
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("compil" in m for m in logged)              # the log is on (orbax's own programs)
+    again = [m for m in logged if re.search(r"jit[(_](one|begin|finish)\b", m)]   # the round's programs
+    assert again == [], again
 
 
 def test_lost_rounds_after_checkpoint_are_redone_once(toy, tmp_path, tmp_path_factory):
