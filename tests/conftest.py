@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny dense split model that compiles in about a second."""
 import os
+import subprocess
+import sys
 
 # Tests run tiny programs, so compiling them costs far more than running them. Two XLA:CPU
 # settings each halve compilation: LLVM at -O0 (a toy FSL-SAGE round 7 s -> 3.5 s) and the
@@ -9,8 +11,6 @@ import os
 # any backend starts; xdist workers and CLI subprocesses inherit them. A setting already in
 # $XLA_FLAGS wins. XLA aborts on a flag it does not know (newer XLA drops the legacy
 # emitters), so that one is kept only if a one-line JAX program accepts it.
-import subprocess
-import sys
 
 
 def _xla_accepts(flags: str) -> bool:
@@ -107,6 +107,18 @@ sys.path.insert(0, {experiments!r})
 import run
 sys.exit(run.main(sys.argv[2:]))
 """
+
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+def cli_main(argv):
+    """``experiments/run.py``'s ``main(argv)`` in this process (a CLI process costs seconds of
+    imports and tracing; tests that need none of its process behaviour call this)."""
+    if EXPERIMENTS not in sys.path:
+        sys.path.insert(0, EXPERIMENTS)
+    import run
+    return run.main(argv)
 
 
 def _cache_dir(tmp_path_factory):

@@ -1,17 +1,13 @@
 """--memory-plan: every program compiled from abstract inputs, a JSON plan, exit 4 when over."""
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import cli_main
 
 
 def test_cli_memory_plan_writes_the_plan_and_refuses_a_too_small_device(tmp_path, capsys):
     """The CLI's main() in this process (a CLI start costs seconds); main's value is the exit code."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import run
     out = tmp_path / "plan"
-    code = run.main(["--memory-plan", "--num-clients", "2", "--batch-size", "8", "--train-subset", "64",
+    code = cli_main(["--memory-plan", "--num-clients", "2", "--batch-size", "8", "--train-subset", "64",
                      "--eval-subset", "32", "--align-batch-size", "16", "--align-buffer-size", "16",
                      "--device-memory-gib", "0.001", "--out", str(out)])
     stdout, stderr = capsys.readouterr()

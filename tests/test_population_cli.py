@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fslsage_jax import checkpoint
-from conftest import KILL_IN_SAVE
+from conftest import KILL_IN_SAVE, cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "experiments", "run.py")
@@ -35,18 +35,12 @@ def _lines(path):
             for l in open(path).read().splitlines()]
 
 
-def _main(argv):
-    """The CLI's main() in this process (a CLI start costs seconds of imports and tracing)."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import run
-    return run.main(argv)
-
 
 def test_cohort_run_killed_in_a_save_resumes_exactly(tmp_path, env):
     """The uninterrupted run and the last resume run in this process (one build of the
     programs); the run killed in a save is a CLI process."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert _main([*POP, "--out", str(ref)]) == 0
+    assert cli_main([*POP, "--out", str(ref)]) == 0
     s = json.loads((ref / "summary.json").read_text())
     assert s["cohort_size"] == 4 and 4 <= s["clients_taken_part"] <= 16
     assert s["comm"]["model_up"] == 4 * 4 * s["model_bytes"]["client"]
@@ -57,7 +51,7 @@ def test_cohort_run_killed_in_a_save_resumes_exactly(tmp_path, env):
     assert checkpoint.latest(str(run)).rounds == 2
     assert (run / "checkpoints" / ".tmp-round_000003" / "population.npz").is_file()
     assert _lines(run / "metrics.jsonl") == _lines(ref / "metrics.jsonl")[:3]    # the CLI process's rounds
-    assert _main(["--resume", str(run)]) == 0
+    assert cli_main(["--resume", str(run)]) == 0
     assert _lines(run / "metrics.jsonl") == _lines(ref / "metrics.jsonl")
     a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
     assert {k: v for k, v in a.items() if k not in DROP} == {k: v for k, v in b.items() if k not in DROP}
@@ -81,7 +75,7 @@ def test_bad_population_flags_exit_2_and_write_nothing(tmp_path, capfd, flags, m
     """In this process (a CLI start each costs seconds); the subprocess test below checks that
     the whole process prints nothing else."""
     with pytest.raises(SystemExit) as e:
-        _main([*BASE, *flags, "--out", str(tmp_path / "out")])
+        cli_main([*BASE, *flags, "--out", str(tmp_path / "out")])
     err = capfd.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {msg}"), err
     assert not (tmp_path / "out").exists()

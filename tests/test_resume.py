@@ -22,7 +22,7 @@ import pytest
 from fslsage_jax import checkpoint
 from fslsage_jax.algorithms import ALGORITHMS
 from fslsage_jax.simulate import RunOptions, Task, read_metrics, run_simulation, tree_all_finite
-from conftest import KILL_IN_SAVE, toy_client_data, toy_config
+from conftest import KILL_IN_SAVE, cli_main, toy_client_data, toy_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMES = ("round_time_s", "eval_time_s")
@@ -231,12 +231,6 @@ sys.exit(run.main(sys.argv[3:]))
 """
 
 
-def _main(argv):
-    """The CLI's main() in this process."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import run
-    return run.main(argv)
-
 
 def _start(args, env, script=None):
     script = script or os.path.join(ROOT, "experiments", "run.py")
@@ -275,7 +269,7 @@ def _finish(proc):
 def cli_ref(tmp_path_factory):
     """The uninterrupted CLI run the kill tests compare with (in this process)."""
     ref_dir = tmp_path_factory.mktemp("cli") / "ref"
-    assert _main([*SAGE, "--out", str(ref_dir)]) == 0
+    assert cli_main([*SAGE, "--out", str(ref_dir)]) == 0
     return ref_dir
 
 
@@ -305,7 +299,7 @@ def test_cli_sigterm_then_kill_during_save_then_resume_is_identical(tmp_path, en
     assert (run_dir / "checkpoints" / ".tmp-round_000004").is_dir()
     assert len(_lines(run_dir / "metrics.jsonl")) == 4
     _same_as_ref(run_dir, ref_dir, summaries=False)      # the resumed process's rounds 2, 3 already
-    assert _main(["--resume", str(run_dir)]) == 0
+    assert cli_main(["--resume", str(run_dir)]) == 0
     _same_as_ref(run_dir, ref_dir)
 
 
@@ -315,12 +309,12 @@ def test_cli_sigkill_after_a_round_then_resume_is_identical(tmp_path, env, cli_r
     p.kill()
     p.communicate()
     assert checkpoint.latest(str(run_dir)).rounds == 2 and p.returncode == -signal.SIGKILL
-    assert _main(["--resume", str(run_dir)]) == 0
+    assert cli_main(["--resume", str(run_dir)]) == 0
     _same_as_ref(run_dir, ref_dir)
 
 
 def test_cli_divergence_exits_3_with_one_line(tmp_path, capsys):
-    code = _main(["--algo", "fed_avg", *CLI, "--rounds", "2", "--lr", "1e30", "--out", str(tmp_path)])
+    code = cli_main(["--algo", "fed_avg", *CLI, "--rounds", "2", "--lr", "1e30", "--out", str(tmp_path)])
     assert code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fed_avg diverged at round 0" in err[0]
@@ -352,9 +346,9 @@ def test_signal_sets_the_stop_flag_and_exit_codes():
 def test_default_relative_out_checkpoints_and_resumes(tmp_path, monkeypatch):
     """The default --out is relative (runs/...): checkpoints and --resume must work with it."""
     monkeypatch.chdir(tmp_path)
-    assert _main([*SAGE, "--rounds", "2"]) == 0               # the kill tests' programs
+    assert cli_main([*SAGE, "--rounds", "2"]) == 0               # the kill tests' programs
     (out,) = os.listdir("runs")
     rel = os.path.join("runs", out)
     assert checkpoint.latest(rel).rounds == 2
-    assert _main(["--resume", rel, "--rounds", "3", "--no-progress"]) == 0
+    assert cli_main(["--resume", rel, "--rounds", "3", "--no-progress"]) == 0
     assert _count_lines(os.path.join(rel, "metrics.jsonl")) == 3
