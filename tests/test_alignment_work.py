@@ -107,3 +107,32 @@ def test_clients_with_different_fill_share_one_row_bound(toy):
     for i in range(2):
         ref, _ = _reference_align(toy, sv, av, zz[i], yy[i], int(fills[i]), keys[i], 2, 32, 1e-2)
         _close(jax.tree_util.tree_map(lambda a: a[i], out.params), ref)
+
+
+def test_one_minibatch_of_the_whole_buffer_equals_whole_minibatches(toy):
+    """batch_size >= capacity: every epoch is one minibatch of all valid rows (any shuffle
+    gives the same step), taken over the whole ring when mostly filled, else in
+    micro-batches; on a wrapped ring, alone and lifted with a shared row bound."""
+    sv, av, z, y = _setup(toy)
+    opt = optax.adam(1e-2)
+    cap, head = z.shape[0], 30
+    for n in (70, 20):                     # 70 > cap / 2: the whole ring; 20: micro-batches
+        pos = (head - n + np.arange(n)) % cap
+        zr, yr = z.at[pos].set(z[cap - n:]), y.at[pos].set(y[cap - n:])
+        key = jax.random.key(n)
+        got, _, (first, last) = steps.align(toy, opt, av, opt.init(av.params), sv,
+                                            Buffer(zr, yr, jnp.int32(n), jnp.int32(head)), key, 3, cap)
+        ref, losses = _reference_align(toy, sv, av, z, y, n, key, 3, cap, 1e-2)
+        _close(got.params, ref)
+        np.testing.assert_allclose([first, last], [losses[0], losses[-1]], rtol=2e-5)
+    fills = jnp.array([70, 20], jnp.int32)
+    keys = jax.random.split(jax.random.key(5), 2)
+    zz, yy = jnp.stack([z, z[::-1]]), jnp.stack([y, y[::-1]])
+    avm = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), av)
+    aom = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), opt.init(av.params))
+    out, _, _ = jax.jit(jax.vmap(lambda a, o, b, k: steps.align(toy, opt, a, o, sv, b, k, 2, 100,
+                                                                 rows=jnp.int32(70))))(
+        avm, aom, Buffer(zz, yy, fills, jnp.zeros(2, jnp.int32)), keys)
+    for i in range(2):
+        ref, _ = _reference_align(toy, sv, av, zz[i], yy[i], int(fills[i]), keys[i], 2, 100, 1e-2)
+        _close(jax.tree_util.tree_map(lambda a: a[i], out.params), ref)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from fslsage_jax.algorithms.batching import masked_mean, shuffled_order
-from fslsage_jax.algorithms.buffer import Buffer, buffer_mask
+from fslsage_jax.algorithms.buffer import Buffer, buffer_mask, buffer_positions
 from fslsage_jax.algorithms.trees import tree_where
 from fslsage_jax.split import SplitModel, Vars, apply_part, batch_mask, prepare_input
 
@@ -138,6 +138,14 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
 # Rows per alignment micro-batch: an alignment minibatch is processed this many rows at a
 # time (gradients summed), so work follows the filled rows, not the buffer's capacity.
 ALIGN_MICRO_BATCH = 32
+# A buffer whose cut activations take at most this many bytes is, when more than half of
+# its rows are filled, processed whole instead (no micro-batch loop, no gather).
+ALIGN_WHOLE_BYTES = 1 << 22
+
+
+def _whole(buf: Buffer, rows: jax.Array) -> jax.Array | bool:
+    """Whether to process the whole buffer at once rather than ``rows`` in micro-batches."""
+    return buf.z.size * buf.z.dtype.itemsize <= ALIGN_WHOLE_BYTES and 2 * rows > buf.z.shape[0]
 
 
 def _stateless(v: Vars) -> bool:
@@ -160,10 +168,11 @@ def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | Non
     """
     w = buffer_mask(buf)
     cap = buf.z.shape[0]
-    if chunk is None or chunk >= cap or not _stateless(sv):
-        f = lambda z: part_loss(split, split.server, sv, z, buf.y, w, True)[0]
-        return jax.grad(f)(buf.z) * jnp.maximum(jnp.sum(w), 1.0)
+    f = lambda z: part_loss(split, split.server, sv, z, buf.y, w, True)[0]
+    whole = lambda: jax.grad(f)(buf.z) * jnp.maximum(jnp.sum(w), 1.0)
     rows = cap if rows is None else rows
+    if chunk is None or chunk >= cap or not _stateless(sv):
+        return whole()
     head = jnp.asarray(buf.head, jnp.int32)
 
     def one_chunk(c, target):
@@ -175,7 +184,9 @@ def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | Non
         g = jax.grad(lambda z: part_loss(split, split.server, sv, z, y, wc, True)[0])(z)
         return target.at[idx].set(g * jnp.maximum(jnp.sum(wc), 1.0), unique_indices=True)
     n = (jnp.minimum(rows, cap) + chunk - 1) // chunk
-    return jax.lax.fori_loop(0, n, one_chunk, jnp.zeros_like(buf.z))
+    chunks = lambda: jax.lax.fori_loop(0, n, one_chunk, jnp.zeros_like(buf.z))
+    whole_ok = _whole(buf, rows)
+    return chunks() if whole_ok is False else jax.lax.cond(whole_ok, whole, chunks)
 
 
 def alignment_loss(split: SplitModel, aux_params: Any, aux_state: Any, z: jax.Array,
@@ -218,7 +229,11 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
 
     Work follows the filled rows: minibatches and server targets run only over the last
     ``rows`` buffer rows, and a stateless auxiliary model's minibatch is processed
-    ``ALIGN_MICRO_BATCH`` rows at a time (its gradient summed: the same step).
+    ``ALIGN_MICRO_BATCH`` rows at a time (its gradient summed: the same step). When one
+    minibatch holds the whole buffer (``batch_size >= capacity``) no shuffle can change
+    it: each epoch is one step on the valid rows, taken in ring order, and over the whole
+    buffer at once when more than half of it is filled and it is small
+    (``ALIGN_WHOLE_BYTES``); the server targets likewise.
 
     Args:
       split, opt: the split model and the alignment optimizer (Adam 1e-3).
@@ -244,11 +259,19 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
     target = alignment_targets(split, sv, buf, min(batch_size, mu), rows)
     loss_and_grad = jax.value_and_grad(alignment_loss, argnums=1)
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, av.params)
+    # one minibatch holds every valid row: the shuffle cannot change it (only the order of
+    # a sum), so the rows are read in ring order, and over the whole buffer when mostly filled
+    whole_set = batch_size >= cap
+
+    def whole(params, count, scale):
+        return loss_and_grad(split, params, av.state, buf.z, buf.y, buffer_mask(buf), target * scale,
+                             av.frozen, count)
 
     def epoch(carry, ekey):
         params, ostate = carry
         # a shuffle of the valid entries (the size ring positions before head) first
-        order = (_prefix_order(ekey, n_valid, rows, cap) + jnp.asarray(buf.head, jnp.int32) - n_valid) % cap
+        order = buffer_positions(buf) if whole_set else (
+            _prefix_order(ekey, n_valid, rows, cap) + jnp.asarray(buf.head, jnp.int32) - n_valid) % cap
 
         def minibatch(j, carry):
             params, ostate, total = carry
@@ -264,7 +287,14 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
                                         target[idx] * scale, av.frozen, count)
                 return acc[0] + loss, jax.tree_util.tree_map(jnp.add, acc[1], g)
             n_micro = (jnp.minimum(rows - start, batch_size) + mu - 1) // mu
-            loss, grads = jax.lax.fori_loop(0, n_micro, micro, (jnp.zeros(()), zero_grads))
+            micro_all = lambda p, *_: jax.lax.fori_loop(0, n_micro, micro, (jnp.zeros(()), zero_grads))
+            whole_ok = whole_set and (mu >= cap or _whole(buf, rows))
+            if whole_ok is False:
+                loss, grads = micro_all(params)
+            elif whole_ok is True:
+                loss, grads = whole(params, count, scale)
+            else:
+                loss, grads = jax.lax.cond(whole_ok, whole, micro_all, params, count, scale)
             updates, new_os = opt.update(grads, ostate, params)
             new = (optax.apply_updates(params, updates), new_os)
             params, ostate = tree_where(count > 0, new, (params, ostate))
