@@ -14,7 +14,9 @@ Who takes part is one interface (:class:`~fslsage_jax.population.AllClients` or
 :class:`~fslsage_jax.population.Cohort`); the loop calls it the same way either way.
 
 Stop reasons: ``rounds`` (R rounds done), ``comm_budget``, ``diverged`` (a
-non-finite training loss, test loss or state leaf; the diverged round's record
+non-finite training loss, test loss or global-model parameter, or a non-finite
+state leaf in a round after which the run may save a checkpoint or end: every
+leaf is checked there, so no checkpoint holds one; the diverged round's record
 is written with its non-finite numbers as ``null`` and is never checkpointed),
 ``interrupted`` (``stop_requested()`` became true), ``callback`` (a callback
 returned True).
@@ -327,11 +329,17 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
             with _program("round (local steps, server, alignment)"):
                 state, acc = algo.run_round(state, data, jax.random.fold_in(round_key, t))
             part.write_back(state)
-            pending.append((t, acc, tree_all_finite(checkpoint.strip_frozen(state))))
             last = t + 1 == opts.rounds
             evaluate_now = last or (opts.eval_every > 0 and (t + 1) % opts.eval_every == 0)
             stop_asked = not last and opts.stop_requested is not None and opts.stop_requested()
             due = last or (t + 1) % (opts.checkpoint_every or 1) == 0
+            # every state leaf where the run may end or save a checkpoint after this round;
+            # else the global model (one client's share of the state), which a non-finite
+            # leaf reaches within a round or two through the steps and the averaging
+            full = (last or stop_asked or callbacks or budget is not None
+                    or (due and out_dir and opts.checkpoint_every))
+            checked = checkpoint.strip_frozen(state) if full else algo.global_model(state)
+            pending.append((t, acc, tree_all_finite(checked)))
             if not (evaluate_now or callbacks or budget is not None or stop_asked
                     or (due and out_dir and opts.checkpoint_every)):
                 continue

@@ -5,6 +5,7 @@ tests run the real CLI on synthetic 8x8 images, kill it with SIGKILL / SIGTERM i
 a subprocess, then resume and compare ``metrics.jsonl`` with an uninterrupted run
 (identical except the time fields).
 """
+import dataclasses
 import json
 import os
 import re
@@ -183,6 +184,37 @@ def test_divergence_stops_keeps_rounds_and_last_good_checkpoint(toy, tmp_path):
     assert recs[2]["train_loss"] is None or recs[2]["test_loss"] is None   # non-finite -> null
     assert [c.rounds for c in checkpoint.list_checkpoints(str(tmp_path))] == [2]   # not saved
     assert json.loads((tmp_path / "summary.json").read_text())["stop_reason"] == "diverged"
+
+
+def _nan_outside_the_model():
+    """FedAvg with one more client leaf that turns NaN at the first step and never reaches
+    the model (a stand-in for a non-finite optimizer state or buffer)."""
+    inner = ALGORITHMS["fed_avg"]
+
+    def build(ctx):
+        parts = inner.build(ctx)
+
+        def step(state, *a):
+            own, probe = state.clients.own
+            st, acc = parts.step(state._replace(clients=state.clients._replace(own=own)), *a)
+            return st._replace(clients=st.clients._replace(own=(st.clients.own, probe * jnp.nan))), acc
+
+        def init(cv, sv, av):
+            shared, own, server = parts.init(cv, sv, av)
+            return shared, (own, jnp.float32(1.0)), server
+        return parts._replace(init=init, step=step)
+    return dataclasses.replace(inner, name="fed_avg_nan_probe", build=build)
+
+
+def test_a_non_finite_leaf_outside_the_model_never_reaches_a_checkpoint(toy, tmp_path):
+    """Rounds that may be followed by a checkpoint (or end the run) check every state leaf;
+    the others check the global model only."""
+    algo = _nan_outside_the_model()
+    s = _sim(toy, algo, tmp_path / "ck", rounds=5, checkpoint_every=2)
+    assert s["stop_reason"] == "diverged" and s["diverged_round"] == 1    # round 0: not a checkpoint round
+    assert checkpoint.list_checkpoints(str(tmp_path / "ck")) == []
+    s = _sim(toy, algo, tmp_path / "none", rounds=3, checkpoint_every=None)
+    assert s["stop_reason"] == "diverged" and s["diverged_round"] == 2    # the last round
 
 
 def test_same_result_across_strategies(toy, tmp_path, tmp_path_factory):
