@@ -171,9 +171,11 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                   "change; others must match); --algo all: finished algorithms are skipped", metavar="RUN_DIR")
     a("--checkpoint-every", "save a checkpoint every this many rounds (and always when a run stops, "
                             "except on divergence); the last 3 are kept")
-    a("--strategy", "how the client axis runs: auto (measured fastest: vmap, or unroll for images "
-                    "over 16x16 on CPU), vmap, map (lax.map: one client after another), chunked (lax.map "
-                    "over vmapped chunks of --chunk-size), unroll (sequential, unrolled when compiled)")
+    a("--strategy", "how the client axis runs: auto (measured fastest on CPU: images up to 16x16 "
+                    "vmap up to 4 clients, else chunks of 4; larger images unroll up to 16 clients, "
+                    "else vmap; other backends vmap), vmap, map (lax.map: one client after another), "
+                    "chunked (lax.map over vmapped chunks of --chunk-size), unroll (sequential, "
+                    "unrolled when compiled)")
     a("--chunk-size", "clients per chunk for --strategy chunked")
     a("--step-loop", "scan: a round is one compiled lax.scan over local steps; host: one compiled "
                      "call per local step (faster for convolutions on XLA:CPU)")

@@ -64,7 +64,5 @@ class AlgorithmDef:
         ``state_sharding``: see :func:`~fslsage_jax.algorithms.base.make_algorithm`."""
         return make_algorithm(self.name, self.build, split, cfg, n_max, self.defaults(), state_sharding)
 
-    make = __call__
-
     def __hash__(self):
         return hash((self.name, self.build))
