@@ -208,7 +208,7 @@ def _nan_outside_the_model():
 
 def test_a_non_finite_leaf_outside_the_model_never_reaches_a_checkpoint(toy, tmp_path):
     """Rounds that may be followed by a checkpoint (or end the run) check every state leaf;
-    the others check the global model only."""
+    the others rely on the losses."""
     algo = _nan_outside_the_model()
     s = _sim(toy, algo, tmp_path / "ck", rounds=5, checkpoint_every=2)
     assert s["stop_reason"] == "diverged" and s["diverged_round"] == 1    # round 0: not a checkpoint round
