@@ -15,9 +15,13 @@ temporaries minus what is aliased (donated), or XLA's own peak where the
 backend reports one; the run's peak is the largest of resident + (program
 peak - its arguments that are resident anyway). Compiling is what takes the
 time (a minute or more for GPT-2 medium on a CPU); nothing runs.
+
+When a program does not fit after all, ``with memory_errors_named(program):`` around
+its call turns XLA's out-of-memory error into a :class:`DeviceMemoryError` naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -57,6 +61,19 @@ def as_memory_error(e: Exception, program: str) -> DeviceMemoryError | None:
         return None
     m = _BYTES.search(text)
     return DeviceMemoryError(program, int(m.group(1) or m.group(2)) if m else None, text.splitlines()[0][:300])
+
+
+@contextlib.contextmanager
+def memory_errors_named(program: str):
+    """Re-raise XLA's out-of-memory error inside as a :class:`DeviceMemoryError` naming
+    ``program``."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        err = as_memory_error(e, program)
+        if err is None:
+            raise
+        raise err from e
 
 
 def _stats(compiled) -> dict:

@@ -32,7 +32,6 @@ truncates ``metrics.jsonl`` to its rounds and continues; round keys are
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -51,7 +50,7 @@ from fslsage_jax.algorithms.config import Config
 from fslsage_jax.algorithms.definition import AlgorithmDef
 from fslsage_jax.algorithms.engine import make_evaluate, resolve_config
 from fslsage_jax.comm import KINDS, Ledger, round_bytes, sizes_of
-from fslsage_jax.memory import as_memory_error
+from fslsage_jax.memory import memory_errors_named
 from fslsage_jax.population import Cohort, fetch, participation, store_dir
 from fslsage_jax.records import (json_safe, round_record, summarize_run, truncate_metrics,
                                  write_json_atomic)
@@ -194,18 +193,6 @@ class Result(NamedTuple):
     algorithm: Any
 
 
-@contextlib.contextmanager
-def _program(name: str):
-    """Re-raise XLA's out-of-memory error inside as a :class:`DeviceMemoryError` naming ``name``."""
-    try:
-        yield
-    except jax.errors.JaxRuntimeError as e:
-        err = as_memory_error(e, name)
-        if err is None:
-            raise
-        raise err from e
-
-
 def _writer() -> bool:
     """Whether this process writes files (process 0 of a multi-process run)."""
     return jax.process_index() == 0
@@ -326,7 +313,7 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
             stop_reason = "comm_budget"
         for t in range(first, opts.rounds if stop_reason == "rounds" else first):
             state, data = part.inputs(state, t)
-            with _program("round (local steps, server, alignment)"):
+            with memory_errors_named("round (local steps, server, alignment)"):
                 state, acc = algo.run_round(state, data, jax.random.fold_in(round_key, t))
             part.write_back(state)
             last = t + 1 == opts.rounds
@@ -339,13 +326,12 @@ def run(algorithm: str | AlgorithmDef, task: Task, opts: RunOptions = RunOptions
             full = (last or stop_asked or callbacks or budget is not None
                     or (due and out_dir and opts.checkpoint_every))
             pending.append((t, acc, tree_all_finite(checkpoint.strip_frozen(state)) if full else None))
-            if not (evaluate_now or callbacks or budget is not None or stop_asked
-                    or (due and out_dir and opts.checkpoint_every)):
+            if not (evaluate_now or full):
                 continue
             # one sync: the pending rounds' counters, finiteness flags and the evaluation
             jax.block_until_ready([acc for _, acc, _ in pending])
             t0 = time.time()
-            with _program("evaluation"):
+            with memory_errors_named("evaluation"):
                 test = evaluate(*algo.global_model(state), test_x, test_y) if evaluate_now else None
             eval_time = time.time() - t0 if evaluate_now else 0.0
             fetched = jax.device_get([(acc, fin) for _, acc, fin in pending])

@@ -143,7 +143,7 @@ ALIGN_MICRO_BATCH = 32
 ALIGN_WHOLE_BYTES = 1 << 22
 
 
-def _whole(buf: Buffer, rows: jax.Array) -> jax.Array | bool:
+def _whole_buffer_ok(buf: Buffer, rows: jax.Array) -> jax.Array | bool:
     """Whether to process the whole buffer at once rather than ``rows`` in micro-batches."""
     return buf.z.size * buf.z.dtype.itemsize <= ALIGN_WHOLE_BYTES and 2 * rows > buf.z.shape[0]
 
@@ -185,7 +185,7 @@ def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | Non
         return target.at[idx].set(g * jnp.maximum(jnp.sum(wc), 1.0), unique_indices=True)
     n = (jnp.minimum(rows, cap) + chunk - 1) // chunk
     chunks = lambda: jax.lax.fori_loop(0, n, one_chunk, jnp.zeros_like(buf.z))
-    whole_ok = _whole(buf, rows)
+    whole_ok = _whole_buffer_ok(buf, rows)
     return chunks() if whole_ok is False else jax.lax.cond(whole_ok, whole, chunks)
 
 
@@ -288,7 +288,7 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
                 return acc[0] + loss, jax.tree_util.tree_map(jnp.add, acc[1], g)
             n_micro = (jnp.minimum(rows - start, batch_size) + mu - 1) // mu
             micro_all = lambda p, *_: jax.lax.fori_loop(0, n_micro, micro, (jnp.zeros(()), zero_grads))
-            whole_ok = whole_set and (mu >= cap or _whole(buf, rows))
+            whole_ok = whole_set and (mu >= cap or _whole_buffer_ok(buf, rows))
             if whole_ok is False:
                 loss, grads = micro_all(params)
             elif whole_ok is True:
