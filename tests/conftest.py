@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny dense split model that compiles in about a second."""
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Tests run tiny programs, so compiling them costs far more than running them. Two XLA:CPU
 # settings each halve compilation: LLVM at -O0 (a toy FSL-SAGE round 7 s -> 3.5 s) and the
@@ -25,6 +28,11 @@ if "xla_backend_optimization_level" not in _flags:
 if "xla_cpu_use_fusion_emitters" not in _flags and _xla_accepts(f"{_flags} --xla_cpu_use_fusion_emitters=false"):
     _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
+# load_digits keeps its split in a cache directory: a temporary one for the tests (the
+# xdist workers inherit it), not ~/.cache
+if "FSLSAGE_JAX_DATA_CACHE" not in os.environ:
+    os.environ["FSLSAGE_JAX_DATA_CACHE"] = _data_cache = tempfile.mkdtemp(prefix="fslsage-data-")
+    atexit.register(shutil.rmtree, _data_cache, ignore_errors=True)
 
 import flax.linen as nn
 import jax

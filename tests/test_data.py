@@ -1,4 +1,6 @@
 """Data sources, partitions and padded client arrays."""
+import os
+
 import numpy as np
 import pytest
 
@@ -226,3 +228,31 @@ def test_bad_direct_and_array_inputs():
         to_client_arrays(np.zeros((3, 1)), np.zeros(2), [np.array([0])])
     with pytest.raises(ValueError, match="test_size"):
         load_digits(test_fraction=1.5)
+
+
+def test_digits_split_is_cached_and_read_back(tmp_path, monkeypatch):
+    """The first call writes the split to the cache; later calls return the file's arrays;
+    an unreadable file is computed again and rewritten."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    from fslsage_jax.data.sources import digits_cache_path
+    monkeypatch.setenv("FSLSAGE_JAX_DATA_CACHE", str(tmp_path))
+    d = load_digits(seed=5)
+    path = digits_cache_path(seed=5)
+    assert os.path.dirname(path) == str(tmp_path) and os.path.exists(path)
+    raw = sklearn_digits()
+    ref = train_test_split((raw.images / 16.0).astype(np.float32)[..., None], raw.target, test_size=0.2,
+                           stratify=raw.target, random_state=5)
+    for got, want in zip((d.x_train, d.x_test, d.y_train, d.y_test), ref):
+        np.testing.assert_array_equal(got, want)
+    np.savez(path, x_train=d.x_train + 7, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test)
+    np.testing.assert_array_equal(load_digits(seed=5).x_train, d.x_train + 7)     # read from the file
+    assert not os.path.exists(digits_cache_path(seed=6))
+    with open(path, "wb") as f:
+        f.write(b"not an npz")
+    again = load_digits(seed=5)
+    np.testing.assert_array_equal(again.x_train, d.x_train)
+    with np.load(path) as f:
+        np.testing.assert_array_equal(f["y_test"], d.y_test)
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(path)]   # no temporary left
