@@ -91,13 +91,18 @@ def tune_malloc() -> bool:
     return bool(ok)
 
 
-def default_cache_dir() -> str:
-    """``$FSLSAGE_JAX_CACHE_DIR`` or ``$XDG_CACHE_HOME/fslsage_jax/jax_cache``."""
-    d = os.environ.get("FSLSAGE_JAX_CACHE_DIR")
+def user_cache_dir(name: str, env: str) -> str:
+    """``$<env>`` if set, else ``$XDG_CACHE_HOME/fslsage_jax/<name>`` (``~/.cache/...``)."""
+    d = os.environ.get(env)
     if d:
         return os.path.expanduser(d)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fslsage_jax", "jax_cache")
+    return os.path.join(base, "fslsage_jax", name)
+
+
+def default_cache_dir() -> str:
+    """``$FSLSAGE_JAX_CACHE_DIR`` or ``$XDG_CACHE_HOME/fslsage_jax/jax_cache``."""
+    return user_cache_dir("jax_cache", "FSLSAGE_JAX_CACHE_DIR")
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:

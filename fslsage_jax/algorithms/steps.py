@@ -25,6 +25,7 @@ import optax
 
 from fslsage_jax.algorithms.batching import masked_mean, shuffled_order
 from fslsage_jax.algorithms.buffer import Buffer, buffer_mask, buffer_positions
+from fslsage_jax.algorithms.lifting import branch
 from fslsage_jax.algorithms.trees import tree_where
 from fslsage_jax.split import SplitModel, Vars, apply_part, batch_mask, prepare_input
 
@@ -185,8 +186,7 @@ def alignment_targets(split: SplitModel, sv: Vars, buf: Buffer, chunk: int | Non
         return target.at[idx].set(g * jnp.maximum(jnp.sum(wc), 1.0), unique_indices=True)
     n = (jnp.minimum(rows, cap) + chunk - 1) // chunk
     chunks = lambda: jax.lax.fori_loop(0, n, one_chunk, jnp.zeros_like(buf.z))
-    whole_ok = _whole_buffer_ok(buf, rows)
-    return chunks() if whole_ok is False else jax.lax.cond(whole_ok, whole, chunks)
+    return branch(_whole_buffer_ok(buf, rows), whole, chunks)
 
 
 def alignment_loss(split: SplitModel, aux_params: Any, aux_state: Any, z: jax.Array,
@@ -288,13 +288,8 @@ def align(split: SplitModel, opt: optax.GradientTransformation, av: Vars, opt_st
                 return acc[0] + loss, jax.tree_util.tree_map(jnp.add, acc[1], g)
             n_micro = (jnp.minimum(rows - start, batch_size) + mu - 1) // mu
             micro_all = lambda p, *_: jax.lax.fori_loop(0, n_micro, micro, (jnp.zeros(()), zero_grads))
-            whole_ok = whole_set and (mu >= cap or _whole_buffer_ok(buf, rows))
-            if whole_ok is False:
-                loss, grads = micro_all(params)
-            elif whole_ok is True:
-                loss, grads = whole(params, count, scale)
-            else:
-                loss, grads = jax.lax.cond(whole_ok, whole, micro_all, params, count, scale)
+            loss, grads = branch(whole_set and (mu >= cap or _whole_buffer_ok(buf, rows)),
+                                 whole, micro_all, params, count, scale)
             updates, new_os = opt.update(grads, ostate, params)
             new = (optax.apply_updates(params, updates), new_os)
             params, ostate = tree_where(count > 0, new, (params, ostate))

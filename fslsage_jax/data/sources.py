@@ -12,6 +12,7 @@ import numpy as np
 
 from fslsage_jax.data.cifar import load_cifar10, load_cifar100
 from fslsage_jax.data.dataset import Dataset
+from fslsage_jax.runtime import user_cache_dir
 
 __all__ = ["DATASETS", "DATASET_SHAPES", "READS_DATA_DIR", "Dataset", "dataset_shape", "digits_cache_path",
            "load_dataset", "load_digits", "make_synthetic"]
@@ -29,10 +30,8 @@ def digits_cache_path(seed: int = 0, test_fraction: float = 0.2) -> str | None:
         version = metadata.version("scikit-learn")
     except metadata.PackageNotFoundError:
         return None
-    root = os.environ.get("FSLSAGE_JAX_DATA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "fslsage_jax", "data")
-    return os.path.join(os.path.expanduser(root), f"digits-sklearn{version}-seed{seed}-test{test_fraction!r}.npz")
+    return os.path.join(user_cache_dir("data", "FSLSAGE_JAX_DATA_CACHE"),
+                        f"digits-sklearn{version}-seed{seed}-test{test_fraction!r}.npz")
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2, data_dir: str | None = None) -> Dataset:
